@@ -1,0 +1,3 @@
+from media_proxy.cli import main
+
+raise SystemExit(main())
