@@ -1,0 +1,455 @@
+"""Configuration: what Synapse's homeserver.yaml already says, plus the proxy's own keys.
+
+An administrator points the proxy at homeserver.yaml and nothing else; every value can be
+overridden by the proxy's own YAML file, then by environment variables (secrets), then by
+command-line flags. A missing or bad value is a `ConfigError` naming the file and the key,
+which the CLI prints as one line before exiting with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import yaml
+
+S3_PROVIDER_MODULE: Final = "s3_storage_provider.S3StorageProviderBackend"
+STORAGE_CLASSES: Final = ("STANDARD", "REDUCED_REDUNDANCY", "STANDARD_IA", "INTELLIGENT_TIERING")
+
+# Secrets stay out of files and process listings when these are set.
+ENV_SECRETS: Final = {
+    "MEDIA_PROXY_S3_ACCESS_KEY_ID": ("s3", "access_key_id"),
+    "MEDIA_PROXY_S3_SECRET_ACCESS_KEY": ("s3", "secret_access_key"),
+    "MEDIA_PROXY_S3_SESSION_TOKEN": ("s3", "session_token"),
+    "MEDIA_PROXY_S3_SSE_CUSTOMER_KEY": ("s3", "sse_customer_key"),
+    "MEDIA_PROXY_DATABASE_PASSWORD": ("database", "password"),
+}
+SECRET_KEYS: Final = frozenset(
+    {"access_key_id", "secret_access_key", "session_token", "sse_customer_key", "password"}
+)
+
+
+class ConfigError(Exception):
+    """A configuration value the proxy cannot run with."""
+
+    def __init__(self, source: str, key: str, problem: str) -> None:
+        super().__init__(f"{source}: {key}: {problem}")
+        self.source, self.key, self.problem = source, key, problem
+
+
+@dataclass(frozen=True)
+class S3Config:
+    bucket: str
+    prefix: str = ""
+    endpoint_url: str | None = None
+    region_name: str | None = None
+    access_key_id: str | None = None
+    secret_access_key: str | None = None
+    session_token: str | None = None
+    sse_customer_key: str | None = None
+    sse_customer_algo: str = "AES256"
+    storage_class: str = "STANDARD"
+    # Garage and SeaweedFS want path-style; AWS accepts it too.
+    addressing_style: Literal["path", "virtual", "auto"] = "path"
+    connect_timeout: float = 5.0
+    read_timeout: float = 30.0
+    max_pool_connections: int = 64
+    # Synapse's provider copies: the local file may be the only copy when these are false.
+    store_local: bool = False
+    store_remote: bool = False
+    store_synchronous: bool = False
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    engine: Literal["sqlite3", "psycopg2"]
+    # sqlite3: {"database": absolute path}; psycopg2: libpq arguments without Synapse's cp_*.
+    args: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Config:
+    server_name: str
+    media_store_path: Path
+    cache_path: Path
+    database: DatabaseConfig
+    synapse_url: str
+    s3: S3Config | None = None
+    enable_local_media_storage: bool = True
+    enable_authenticated_media: bool = True
+    max_upload_size: int = 50 * 1024 * 1024
+    synapse_config: tuple[Path, ...] = ()
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 8011
+    workers: int = 1
+    # Positive whoami answers are trusted this long: a logout or lock takes effect after it.
+    auth_cache_ttl: float = 10.0
+    auth_failure_ttl: float = 2.0
+    auth_cache_size: int = 10_000
+    # A quarantine, deletion or new upload is seen by the proxy within this many seconds.
+    metadata_cache_ttl: float = 5.0
+    metadata_cache_size: int = 50_000
+    access_flush_interval: float = 60.0
+    s3_chunk_size: int = 1024 * 1024
+    accel_redirect: str | None = None
+    cache_max_size: int | None = None
+    log_format: Literal["auto", "json", "console"] = "auto"
+    log_level: str = "info"
+    sources: tuple[str, ...] = field(default=(), compare=False)
+
+
+_SIZE: Final = re.compile(r"^\s*(\d+)\s*([KMGT]?)i?B?\s*$", re.IGNORECASE)
+_SIZE_FACTORS: Final = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def parse_size(value: object, *, source: str, key: str) -> int:
+    """Bytes from an int or "50M"-style string (powers of 1024, as Synapse reads sizes)."""
+    if isinstance(value, bool):
+        raise ConfigError(source, key, f"expected a size like 50M, got {value!r}")
+    if isinstance(value, int) and value >= 0:
+        return value
+    match = _SIZE.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise ConfigError(source, key, f"expected a size like 50M or 10G, got {value!r}")
+    return int(match[1]) * _SIZE_FACTORS[match[2].upper()]
+
+
+def parse_listen(value: str, *, source: str, key: str = "listen") -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ConfigError(source, key, f"expected HOST:PORT, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _load_yaml(path: Path, *, key: str) -> dict[str, Any]:
+    try:
+        with path.open() as f:
+            data = yaml.safe_load(f)
+    except OSError as e:
+        raise ConfigError(str(path), key, f"cannot read: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(str(path), key, f"not valid YAML: {e}".splitlines()[0]) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(path), key, "expected a mapping at the top level")
+    return data
+
+
+def read_synapse_config(paths: Sequence[Path]) -> dict[str, Any]:
+    """Merge Synapse config files and directories the way Synapse does (top-level update)."""
+    merged: dict[str, Any] = {}
+    for path in paths:
+        files = (
+            sorted(p for p in path.iterdir() if p.suffix == ".yaml") if path.is_dir() else [path]
+        )
+        for file in files:
+            merged.update(_load_yaml(file, key="synapse_config"))
+    return merged
+
+
+class _Reader:
+    """Typed access to one mapping, with errors that name the file and the key."""
+
+    def __init__(self, data: Mapping[str, Any], source: str, prefix: str = "") -> None:
+        self.data, self.source, self.prefix = data, source, prefix
+
+    def error(self, key: str, problem: str) -> ConfigError:
+        return ConfigError(self.source, self.prefix + key, problem)
+
+    def text(self, key: str, default: str | None = None) -> str | None:
+        value = self.data.get(key, default)
+        if value is not None and not isinstance(value, str):
+            raise self.error(key, f"expected a string, got {value!r}")
+        return value
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.data.get(key, default)
+        if not isinstance(value, bool):
+            raise self.error(key, f"expected true or false, got {value!r}")
+        return value
+
+    def number(self, key: str, default: float, *, minimum: float = 0) -> float:
+        value = self.data.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, int | float) or value < minimum:
+            raise self.error(key, f"expected a number >= {minimum}, got {value!r}")
+        return float(value)
+
+
+def _synapse_database(hs: Mapping[str, Any], source: str, workdir: Path) -> DatabaseConfig:
+    r = _Reader(hs, source)
+    db = hs.get("database")
+    if "databases" in hs:
+        dbs = hs["databases"]
+        if not isinstance(dbs, dict):
+            raise r.error("databases", "expected a mapping of database names")
+        mains = [d for d in dbs.values() if "main" in (d or {}).get("data_stores", ["main"])]
+        if not mains:
+            raise r.error("databases", "no database holds the 'main' data store")
+        db = mains[0]
+    elif db is None:
+        db = {"name": "sqlite3", "args": {"database": hs.get("database_path", "homeserver.db")}}
+    if not isinstance(db, dict):
+        raise r.error("database", "expected a mapping with 'name' and 'args'")
+    name = db.get("name", "sqlite3")
+    args = dict(db.get("args") or {})
+    if name == "sqlite3":
+        path = args.get("database")
+        if not isinstance(path, str) or path == ":memory:":
+            raise r.error("database.args.database", f"expected a database file, got {path!r}")
+        return DatabaseConfig("sqlite3", {"database": str(workdir / path)})
+    if name in ("psycopg2", "psycopg"):
+        return DatabaseConfig(
+            "psycopg2", {k: v for k, v in args.items() if not k.startswith("cp_")}
+        )
+    raise r.error("database.name", f"expected sqlite3 or psycopg2, got {name!r}")
+
+
+def _synapse_s3(hs: Mapping[str, Any], source: str) -> dict[str, Any] | None:
+    providers = hs.get("media_storage_providers") or []
+    if not isinstance(providers, list):
+        raise ConfigError(source, "media_storage_providers", "expected a list")
+    for entry in providers:
+        if isinstance(entry, dict) and entry.get("module") == S3_PROVIDER_MODULE:
+            s3 = dict(entry.get("config") or {})
+            for flag in ("store_local", "store_remote", "store_synchronous"):
+                s3[flag] = bool(entry.get(flag, False))
+            return s3
+    return None
+
+
+def _build_s3(values: Mapping[str, Any], source: str) -> S3Config:
+    r = _Reader(values, source, "s3.")
+    bucket = r.text("bucket")
+    if not bucket:
+        raise r.error("bucket", "required")
+    known = {f.name for f in fields(S3Config)}
+    unknown = (
+        set(values)
+        - known
+        - {"threadpool_size", "request_checksum_calculation", "response_checksum_validation"}
+    )
+    if unknown:
+        raise r.error(sorted(unknown)[0], "unknown key")
+    storage_class = r.text("storage_class", "STANDARD") or "STANDARD"
+    if storage_class not in STORAGE_CLASSES:
+        raise r.error("storage_class", f"expected one of {', '.join(STORAGE_CLASSES)}")
+    style = r.text("addressing_style", "path")
+    if style not in ("path", "virtual", "auto"):
+        raise r.error("addressing_style", f"expected path, virtual or auto, got {style!r}")
+    return S3Config(
+        bucket=bucket,
+        prefix=r.text("prefix", "") or "",
+        endpoint_url=r.text("endpoint_url"),
+        region_name=r.text("region_name"),
+        access_key_id=r.text("access_key_id"),
+        secret_access_key=r.text("secret_access_key"),
+        session_token=r.text("session_token"),
+        sse_customer_key=r.text("sse_customer_key"),
+        sse_customer_algo=r.text("sse_customer_algo", "AES256") or "AES256",
+        storage_class=storage_class,
+        addressing_style=style,  # type: ignore[arg-type]
+        connect_timeout=r.number("connect_timeout", 5.0),
+        read_timeout=r.number("read_timeout", 30.0),
+        max_pool_connections=int(r.number("max_pool_connections", 64, minimum=1)),
+        store_local=r.flag("store_local", False),
+        store_remote=r.flag("store_remote", False),
+        store_synchronous=r.flag("store_synchronous", False),
+    )
+
+
+_OWN_KEYS: Final = frozenset(
+    {
+        "synapse_config",
+        "synapse_url",
+        "synapse_working_directory",
+        "listen",
+        "workers",
+        "cache_path",
+        "accel_redirect",
+        "cache_max_size",
+        "auth_cache_ttl",
+        "auth_failure_ttl",
+        "auth_cache_size",
+        "metadata_cache_ttl",
+        "metadata_cache_size",
+        "access_flush_interval",
+        "s3_chunk_size",
+        "log_format",
+        "log_level",
+        "s3",
+        "database",
+        "server_name",
+        "media_store_path",
+        "enable_local_media_storage",
+        "enable_authenticated_media",
+        "max_upload_size",
+    }
+)
+
+
+def load(
+    *,
+    config_file: Path | None = None,
+    synapse_config: Sequence[Path] = (),
+    overrides: Mapping[str, Any] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Config:
+    """Build the effective configuration; `overrides` are command-line values (None = unset)."""
+    environ = os.environ if environ is None else environ
+    own: dict[str, Any] = _load_yaml(config_file, key="--config") if config_file else {}
+    own_src = str(config_file) if config_file else "media-proxy config"
+    for key in own:
+        if key not in _OWN_KEYS:
+            raise ConfigError(own_src, key, "unknown key")
+    cli = {k: v for k, v in (overrides or {}).items() if v is not None and v != []}
+    own.update(cli)
+
+    hs_paths = [Path(p) for p in synapse_config] or [
+        Path(p) for p in _as_list(own.get("synapse_config"), own_src)
+    ]
+    if not hs_paths:
+        raise ConfigError(own_src, "synapse_config", "required (--synapse-config PATH)")
+    hs_src = str(hs_paths[0])
+    hs = read_synapse_config(hs_paths)
+    hs_dir = hs_paths[0].parent if not hs_paths[0].is_dir() else hs_paths[0]
+    workdir = Path(own.get("synapse_working_directory") or hs_dir).absolute()
+
+    def pick(key: str, default: Any = None) -> tuple[Any, str]:
+        if key in own:
+            return own[key], own_src
+        if key in hs:
+            return hs[key], hs_src
+        return default, hs_src
+
+    server_name, src = pick("server_name")
+    if not isinstance(server_name, str) or not server_name:
+        raise ConfigError(src, "server_name", "required")
+    store_value, src = pick("media_store_path", "media_store")
+    if not isinstance(store_value, str):
+        raise ConfigError(src, "media_store_path", f"expected a path, got {store_value!r}")
+    media_store = workdir / store_value
+    enable_local, src = pick("enable_local_media_storage", True)
+    auth_media, src2 = pick("enable_authenticated_media", True)
+    for key, value, where in (
+        ("enable_local_media_storage", enable_local, src),
+        ("enable_authenticated_media", auth_media, src2),
+    ):
+        if not isinstance(value, bool):
+            raise ConfigError(where, key, f"expected true or false, got {value!r}")
+    max_upload, src = pick("max_upload_size", "50M")
+    max_upload_size = parse_size(max_upload, source=src, key="max_upload_size")
+
+    if "database" in own:
+        if not isinstance(own["database"], dict):
+            raise ConfigError(own_src, "database", "expected a mapping with 'name' and 'args'")
+        database = _synapse_database({"database": own["database"]}, own_src, workdir)
+    else:
+        database = _synapse_database(hs, hs_src, workdir)
+    password = environ.get("MEDIA_PROXY_DATABASE_PASSWORD")
+    if password and database.engine == "psycopg2":
+        database = replace(database, args={**database.args, "password": password})
+
+    s3_values = _synapse_s3(hs, hs_src)
+    own_s3 = own.get("s3")
+    if own_s3 is not None and not isinstance(own_s3, dict):
+        raise ConfigError(own_src, "s3", "expected a mapping")
+    if own_s3:
+        s3_values = {**(s3_values or {}), **own_s3}
+    for env, (_, key) in ENV_SECRETS.items():
+        if env in environ and key != "password":
+            s3_values = {**(s3_values or {}), key: environ[env]}
+    s3 = _build_s3(s3_values, own_src if own_s3 else hs_src) if s3_values else None
+
+    cache_value = own.get("cache_path")
+    if cache_value is None:
+        if not enable_local:
+            raise ConfigError(
+                own_src, "cache_path", "required when enable_local_media_storage is false"
+            )
+        cache_path = media_store
+    else:
+        cache_path = Path(str(cache_value)).absolute()
+
+    synapse_url = own.get("synapse_url")
+    if not isinstance(synapse_url, str) or not re.match(r"^https?://", synapse_url):
+        raise ConfigError(own_src, "synapse_url", f"expected an http(s) URL, got {synapse_url!r}")
+    host, port = parse_listen(str(own.get("listen", "127.0.0.1:8011")), source=own_src)
+    r = _Reader(own, own_src)
+    workers = int(r.number("workers", 1, minimum=1))
+    log_format = r.text("log_format", "auto")
+    if log_format not in ("auto", "json", "console"):
+        raise r.error("log_format", f"expected auto, json or console, got {log_format!r}")
+    accel = r.text("accel_redirect")
+    if accel and not (accel.startswith("/") and accel.endswith("/")):
+        raise r.error(
+            "accel_redirect", f"expected a location like /_media_proxy_cache/, got {accel!r}"
+        )
+    max_size = own.get("cache_max_size")
+    return Config(
+        server_name=server_name,
+        media_store_path=media_store,
+        cache_path=cache_path,
+        database=database,
+        synapse_url=synapse_url.rstrip("/"),
+        s3=s3,
+        enable_local_media_storage=enable_local,
+        enable_authenticated_media=auth_media,
+        max_upload_size=max_upload_size,
+        synapse_config=tuple(p.absolute() for p in hs_paths),
+        listen_host=host,
+        listen_port=port,
+        workers=workers,
+        auth_cache_ttl=r.number("auth_cache_ttl", 10.0),
+        auth_failure_ttl=r.number("auth_failure_ttl", 2.0),
+        auth_cache_size=int(r.number("auth_cache_size", 10_000, minimum=1)),
+        metadata_cache_ttl=r.number("metadata_cache_ttl", 5.0),
+        metadata_cache_size=int(r.number("metadata_cache_size", 50_000, minimum=1)),
+        access_flush_interval=r.number("access_flush_interval", 60.0, minimum=0.1),
+        s3_chunk_size=parse_size(
+            own.get("s3_chunk_size", "1M"), source=own_src, key="s3_chunk_size"
+        ),
+        accel_redirect=accel or None,
+        cache_max_size=None
+        if max_size is None
+        else parse_size(max_size, source=own_src, key="cache_max_size"),
+        log_format=log_format,  # type: ignore[arg-type]
+        log_level=r.text("log_level", "info") or "info",
+        sources=(own_src, hs_src),
+    )
+
+
+def _as_list(value: Any, source: str) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    raise ConfigError(
+        source, "synapse_config", f"expected a path or a list of paths, got {value!r}"
+    )
+
+
+def masked(config: Config) -> dict[str, Any]:
+    """The effective configuration as plain data, secrets replaced by '***'."""
+
+    def walk(value: Any, key: str = "") -> Any:
+        if key in SECRET_KEYS and value:
+            return "***"
+        if hasattr(value, "__dataclass_fields__"):
+            return {f.name: walk(getattr(value, f.name), f.name) for f in fields(value)}
+        if isinstance(value, Mapping):
+            return {k: walk(v, k) for k, v in value.items()}
+        if isinstance(value, tuple | list):
+            return [walk(v) for v in value]
+        if isinstance(value, Path):
+            return str(value)
+        return value
+
+    result: dict[str, Any] = walk(config)
+    return result

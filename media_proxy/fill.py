@@ -1,0 +1,333 @@
+"""Refilling the cache from S3: one GET per file across every process sharing the cache.
+
+Protocol (between processes, on the cache's own filesystem):
+- Each store path has a fixed fill file `<cache>/.media-proxy/fill/<hash>`. A process
+  becomes the *leader* by creating a private file, taking `flock(LOCK_EX)` on it and
+  `link`ing it to that name: the name only ever appears already locked.
+- The leader streams S3's body into it, checks length and sha256, fsyncs, and `rename`s it
+  onto the final store path while still holding the lock; on failure it unlinks it. The
+  kernel drops the lock when the leader exits or dies.
+- Any other process that finds the name taken *follows*: it reads the growing file from its
+  own descriptor. A `LOCK_SH` probe that succeeds means the leader is gone; the fill
+  succeeded iff the final path now holds the very inode being read.
+- A name whose lock is free but is not final is a crashed leader's: it is broken (unlinked
+  under `LOCK_EX`, after checking the name still points at that inode) and taken over.
+Inside one process, one `Fill` per path fans the bytes out to every client; clients send
+from the file (sendfile), so a slow client never slows the fill: the file is the buffer.
+The last byte is held back from clients until the fill is verified, so no client ever
+receives a complete body that did not match the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import fcntl
+import hashlib
+import os
+import secrets
+from pathlib import Path
+from typing import Final
+
+import structlog
+
+from media_proxy import paths
+from media_proxy.s3 import S3, S3Error
+
+log = structlog.get_logger(__name__)
+
+HOLDBACK: Final = 1
+_FOLLOW_POLL_MIN: Final = 0.002
+_FOLLOW_POLL_MAX: Final = 0.05
+_ACQUIRE_ATTEMPTS: Final = 50
+
+
+class FillUnavailable(Exception):
+    """The fill could not start (not in S3, S3 error, size mismatch): ask Synapse."""
+
+
+class FillFailed(Exception):
+    """The fill broke after bytes were promised: every client of it must be aborted."""
+
+
+class Fill:
+    """One store path being filled, as this process sees it."""
+
+    def __init__(self, rel: str, final_path: str, length: int, fd: int, *, leader: bool) -> None:
+        self.rel, self.final_path, self.length, self.fd = rel, final_path, length, fd
+        self.leader = leader
+        self.available = 0
+        self.readers = 0
+        self.ok = False
+        self.error: BaseException | None = None
+        self._started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._changed = asyncio.Event()
+
+    @property
+    def finished(self) -> bool:
+        return self.ok or self.error is not None
+
+    def sendable(self) -> int:
+        """Bytes a client may be sent now: all but the held-back tail until verified."""
+        if self.ok:
+            return self.length
+        return max(0, min(self.available, self.length - HOLDBACK))
+
+    async def wait_started(self) -> None:
+        """Return once S3 has answered with the right object; else FillUnavailable."""
+        await asyncio.shield(self._started)
+
+    async def wait_beyond(self, offset: int) -> int:
+        """Wait until more than `offset` bytes are sendable; return how many are."""
+        while True:
+            if self.error is not None:
+                raise FillFailed(str(self.error) or type(self.error).__name__)
+            n = self.sendable()
+            if n > offset or (self.ok and n == offset):
+                return n
+            event = self._changed
+            await event.wait()
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+    def started(self) -> None:
+        if not self._started.done():
+            self._started.set_result(None)
+
+    def publish(self, available: int) -> None:
+        self.available = available
+        self._notify()
+
+    def succeed(self) -> None:
+        self.started()
+        self.available = self.length
+        self.ok = True
+        self._notify()
+
+    def fail(self, error: BaseException) -> None:
+        self.error = error
+        if not self._started.done():
+            self._started.set_exception(FillUnavailable(str(error)))
+            self._started.exception()  # retrieved: nobody may be waiting
+        self._notify()
+
+    def release(self) -> None:
+        self.readers -= 1
+        self._close_if_unused()
+
+    def _close_if_unused(self) -> None:
+        if self.readers == 0 and self.finished and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def complete(path: str, length: int) -> bool:
+    """A store file counts only with the database's length: Synapse writes in place."""
+    try:
+        return os.stat(path).st_size == length
+    except OSError:
+        return False
+
+
+def _lock_is_free(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    fcntl.flock(fd, fcntl.LOCK_UN)
+    return True
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _break_stale(fd: int, path: str) -> bool:
+    """Unlink an abandoned fill file, if `path` still names the inode `fd` holds."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    try:
+        if _same_file(fd, path):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            return True
+        return False
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+
+
+class Filler:
+    """The process's view of all fills into one cache directory."""
+
+    def __init__(self, cache_root: Path, s3: S3, *, chunk_size: int) -> None:
+        self.cache_root = cache_root
+        self.fill_dir = cache_root / paths.FILL_DIR
+        self.s3 = s3
+        self.chunk_size = chunk_size
+        umask = os.umask(0)
+        os.umask(umask)
+        self.file_mode = 0o666 & ~umask  # what Synapse's open(path, "wb") would give
+        self._fills: dict[str, Fill] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def prepare(self) -> int:
+        """Create the fill directory and remove what crashed fills left; returns the count."""
+        self.fill_dir.mkdir(parents=True, exist_ok=True)
+        removed = 0
+        for entry in os.scandir(self.fill_dir):
+            try:
+                fd = os.open(entry.path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue
+            try:
+                if _break_stale(fd, entry.path):
+                    removed += 1
+            finally:
+                os.close(fd)
+        return removed
+
+    async def open(self, rel: str, length: int, sha256: str | None) -> Fill | None:
+        """The fill for `rel` (the caller must `release` it), or None if the file is now
+        complete in the store."""
+        fill = self._fills.get(rel)
+        if fill is None:
+            final = paths.in_store(str(self.cache_root), rel)
+            role, fd = self._acquire(rel, final, length)
+            if role == "hit":
+                return None
+            fill = Fill(rel, final, length, fd, leader=role == "lead")
+            self._fills[rel] = fill
+            driver = self._lead(fill, sha256) if fill.leader else self._follow(fill)
+            task = asyncio.create_task(driver)
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        fill.readers += 1
+        return fill
+
+    def _acquire(self, rel: str, final: str, length: int) -> tuple[str, int]:
+        name = str(self.fill_dir / paths.fill_name(rel))
+        for _ in range(_ACQUIRE_ATTEMPTS):
+            if complete(final, length):
+                return "hit", -1
+            private = f"{name}.{os.getpid()}.{secrets.token_hex(4)}"
+            fd = os.open(private, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fresh inode: never contended
+            try:
+                os.link(private, name)
+            except FileExistsError:
+                os.close(fd)
+                os.unlink(private)
+            else:
+                os.unlink(private)
+                if complete(final, length):  # a fill finished since our first look
+                    os.unlink(name)
+                    os.close(fd)
+                    return "hit", -1
+                return "lead", fd
+            try:
+                rfd = os.open(name, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                continue  # that fill just ended: look again
+            if not _lock_is_free(rfd):
+                return "follow", rfd
+            if _same_file(rfd, final) and os.fstat(rfd).st_size == length:
+                os.close(rfd)
+                return "hit", -1
+            _break_stale(rfd, name)
+            os.close(rfd)
+        raise FillUnavailable(f"could not lead or follow the fill of {rel}")
+
+    async def _lead(self, fill: Fill, sha256: str | None) -> None:
+        name = str(self.fill_dir / paths.fill_name(fill.rel))
+        obj = None
+        try:
+            try:
+                obj = await self.s3.open(fill.rel)
+            except S3Error as e:
+                raise FillUnavailable(str(e)) from e
+            if obj is None:
+                raise FillUnavailable("not in S3")
+            if obj.length != fill.length:
+                raise FillUnavailable(f"S3 holds {obj.length} bytes, the database {fill.length}")
+            fill.started()
+            hasher = hashlib.sha256() if sha256 else None
+            written = 0
+            async for chunk in obj.chunks(self.chunk_size):
+                if written + len(chunk) > fill.length:
+                    raise FillFailed("S3 sent more bytes than it announced")
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fill.fd, view) :]
+                if hasher is not None:
+                    hasher.update(chunk)
+                written += len(chunk)
+                fill.publish(written)
+            if written != fill.length:
+                raise FillFailed(f"S3 body ended after {written} of {fill.length} bytes")
+            if hasher is not None and sha256 is not None and hasher.hexdigest() != sha256.lower():
+                raise FillFailed("sha256 of the S3 object differs from the database's")
+            await asyncio.to_thread(os.fsync, fill.fd)
+            os.fchmod(fill.fd, self.file_mode)
+            os.makedirs(os.path.dirname(fill.final_path), exist_ok=True)
+            os.rename(name, fill.final_path)
+            fill.succeed()
+            log.info("cache_fill.done", rel=fill.rel, bytes=written)
+        except BaseException as e:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name)
+            fill.fail(e)
+            level = "info" if isinstance(e, FillUnavailable) else "warning"
+            event = "cache_fill.no_space" if _is_no_space(e) else "cache_fill.failed"
+            getattr(log, level)(event, rel=fill.rel, error=str(e) or type(e).__name__)
+            if not isinstance(e, Exception):
+                raise
+        finally:
+            if obj is not None:
+                obj.close()
+            fcntl.flock(fill.fd, fcntl.LOCK_UN)
+            self._fills.pop(fill.rel, None)
+            fill._close_if_unused()
+
+    async def _follow(self, fill: Fill) -> None:
+        delay = _FOLLOW_POLL_MIN
+        try:
+            while True:
+                size = os.fstat(fill.fd).st_size
+                if size > fill.available:
+                    fill.started()
+                    fill.publish(min(size, fill.length))
+                    delay = _FOLLOW_POLL_MIN
+                if _lock_is_free(fill.fd):
+                    size = os.fstat(fill.fd).st_size  # the leader may have written more
+                    if _same_file(fill.fd, fill.final_path) and size == fill.length:
+                        fill.succeed()
+                    else:
+                        fill.fail(FillFailed("the process leading this fill gave up"))
+                    return
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, _FOLLOW_POLL_MAX)
+        except BaseException as e:
+            fill.fail(e)
+            if not isinstance(e, Exception):
+                raise
+        finally:
+            self._fills.pop(fill.rel, None)
+            fill._close_if_unused()
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+def _is_no_space(error: BaseException) -> bool:
+    return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)

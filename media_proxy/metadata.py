@@ -1,0 +1,246 @@
+"""Media rows from Synapse's database, cached briefly, and the batched access-time writes.
+
+The database, not S3 or the disk, says whether media exists, is quarantined or is
+authenticated, so every served file starts here. Rows are kept in a small TTL cache (the TTL
+bounds how long a quarantine or deletion takes to reach the proxy) and `last_access_ts` is
+written back in one batch per interval, as Synapse does, so retention and eviction see what
+the proxy served.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import aiosqlite
+import asyncpg
+import cachetools
+import structlog
+
+from media_proxy.config import DatabaseConfig
+from media_proxy.inflight import Inflight
+
+log = structlog.get_logger(__name__)
+
+_LOCAL_COLUMNS: Final = (
+    "media_type, media_length, upload_name, created_ts, quarantined_by, url_cache,"
+    " authenticated, sha256"
+)
+# SQLite's busy timeout: our only writes are the batched access times, and Synapse must
+# never see a lock held long by us, so we wait for it rather than the other way round.
+SQLITE_BUSY_TIMEOUT_S: Final = 5.0
+
+
+class DatabaseError(Exception):
+    """The database could not answer; the caller passes the request to Synapse."""
+
+
+@dataclass(frozen=True, slots=True)
+class LocalMedia:
+    media_id: str
+    media_type: str | None
+    media_length: int | None  # None: created with /create, not uploaded yet
+    upload_name: str | None
+    created_ts: int
+    quarantined_by: str | None
+    url_cache: str | None
+    authenticated: bool
+    sha256: str | None
+
+
+def _local_from_row(media_id: str, row: Any) -> LocalMedia:
+    return LocalMedia(
+        media_id=media_id,
+        media_type=row[0],
+        media_length=row[1],
+        upload_name=row[2],
+        created_ts=row[3],
+        quarantined_by=row[4],
+        url_cache=row[5],
+        authenticated=bool(row[6]),
+        sha256=row[7],
+    )
+
+
+class Database(Protocol):
+    async def local_media(self, media_id: str) -> LocalMedia | None: ...
+    async def touch_local(self, media_ids: list[str], now_ms: int) -> None: ...
+    async def can_write(self) -> bool: ...
+    async def close(self) -> None: ...
+
+
+class SqliteDatabase:
+    """Synapse's SQLite file, shared with Synapse (which keeps it in WAL mode)."""
+
+    def __init__(self, conn: aiosqlite.Connection) -> None:
+        self._conn = conn
+
+    @classmethod
+    async def open(cls, path: str) -> SqliteDatabase:
+        conn = await aiosqlite.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S)
+        await conn.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
+        return cls(conn)
+
+    async def local_media(self, media_id: str) -> LocalMedia | None:
+        try:
+            async with self._conn.execute(
+                f"SELECT {_LOCAL_COLUMNS} FROM local_media_repository WHERE media_id = ?",
+                (media_id,),
+            ) as cursor:
+                row = await cursor.fetchone()
+        except sqlite3.Error as e:
+            raise DatabaseError(str(e)) from e
+        return None if row is None else _local_from_row(media_id, row)
+
+    async def touch_local(self, media_ids: list[str], now_ms: int) -> None:
+        try:
+            await self._conn.executemany(
+                "UPDATE local_media_repository SET last_access_ts = ? WHERE media_id = ?",
+                [(now_ms, m) for m in media_ids],
+            )
+            await self._conn.commit()
+        except sqlite3.Error as e:
+            await self._conn.rollback()
+            raise DatabaseError(str(e)) from e
+
+    async def can_write(self) -> bool:
+        try:
+            await self._conn.execute("BEGIN IMMEDIATE")
+            await self._conn.rollback()
+            return True
+        except sqlite3.Error:
+            return False
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+
+class PostgresDatabase:
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self._pool = pool
+
+    @classmethod
+    async def open(cls, args: dict[str, Any]) -> PostgresDatabase:
+        pool = await asyncpg.create_pool(
+            min_size=1, max_size=8, command_timeout=10, **_asyncpg_args(args)
+        )
+        return cls(pool)
+
+    async def local_media(self, media_id: str) -> LocalMedia | None:
+        try:
+            row = await self._pool.fetchrow(
+                f"SELECT {_LOCAL_COLUMNS} FROM local_media_repository WHERE media_id = $1",
+                media_id,
+            )
+        except (TimeoutError, asyncpg.PostgresError, OSError) as e:
+            raise DatabaseError(str(e)) from e
+        return None if row is None else _local_from_row(media_id, row)
+
+    async def touch_local(self, media_ids: list[str], now_ms: int) -> None:
+        try:
+            await self._pool.executemany(
+                "UPDATE local_media_repository SET last_access_ts = $1 WHERE media_id = $2",
+                [(now_ms, m) for m in media_ids],
+            )
+        except (TimeoutError, asyncpg.PostgresError, OSError) as e:
+            raise DatabaseError(str(e)) from e
+
+    async def can_write(self) -> bool:
+        try:
+            allowed = await self._pool.fetchval(
+                "SELECT has_table_privilege('local_media_repository', 'UPDATE')"
+            )
+        except (asyncpg.PostgresError, OSError) as e:
+            raise DatabaseError(str(e)) from e
+        return bool(allowed)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+
+def _asyncpg_args(args: dict[str, Any]) -> dict[str, Any]:
+    """psycopg2/libpq arguments (as in homeserver.yaml) to asyncpg's names."""
+    out: dict[str, Any] = {}
+    for key, value in args.items():
+        if key in ("database", "dbname"):
+            out["database"] = value
+        elif key in ("user", "password", "host"):
+            out[key] = value
+        elif key == "port":
+            out["port"] = int(value)
+        elif key == "sslmode":
+            out["ssl"] = value
+    return out
+
+
+async def open_database(config: DatabaseConfig) -> Database:
+    try:
+        if config.engine == "sqlite3":
+            return await SqliteDatabase.open(str(config.args["database"]))
+        return await PostgresDatabase.open(dict(config.args))
+    except (OSError, sqlite3.Error, asyncpg.PostgresError) as e:
+        raise DatabaseError(f"cannot open the {config.engine} database: {e}") from e
+
+
+class Metadata:
+    """Cached row lookups plus the access-time batch, over one `Database`."""
+
+    def __init__(self, db: Database, *, ttl: float, maxsize: int, flush_interval: float) -> None:
+        self.db = db
+        self._rows: cachetools.TTLCache[str, LocalMedia | None] = cachetools.TTLCache(
+            maxsize=maxsize, ttl=ttl
+        )
+        self._inflight: Inflight[LocalMedia | None] = Inflight()
+        self._accessed: set[str] = set()
+        self._flush_interval = flush_interval
+        self._writable = True
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        try:
+            self._writable = await self.db.can_write()
+        except DatabaseError:
+            self._writable = False
+        if not self._writable:
+            log.warning(
+                "database.read_only",
+                detail="last_access_ts cannot be written; media retention and eviction"
+                " will not see what the proxy serves",
+            )
+        self._flusher = asyncio.create_task(self._flush_loop())
+
+    async def local_media(self, media_id: str) -> LocalMedia | None:
+        try:
+            return self._rows[media_id]
+        except KeyError:
+            pass
+        row = await self._inflight.run(media_id, lambda: self.db.local_media(media_id))
+        self._rows[media_id] = row
+        return row
+
+    def mark_accessed(self, media_id: str) -> None:
+        if self._writable:
+            self._accessed.add(media_id)
+
+    async def flush(self) -> None:
+        if not self._accessed:
+            return
+        batch, self._accessed = sorted(self._accessed), set()
+        try:
+            await self.db.touch_local(batch, int(time.time() * 1000))
+        except DatabaseError as e:
+            log.warning("access_times.flush_failed", error=str(e), count=len(batch))
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._flush_interval)
+            await self.flush()
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()
+        await self.flush()
+        await self.db.close()

@@ -1,0 +1,118 @@
+"""Step 1 of a request: decide from the request line alone whether the proxy may answer it.
+
+`parse` returns a `MediaRequest` for the downloads the proxy serves itself and None for
+everything else, which is passed to Synapse unchanged. Matching follows Synapse: the
+patterns run on the raw (percent-encoded) path and each captured group is unquoted after.
+Anything Synapse would refuse with an error of its own (a bad server name, a bad
+`timeout_ms`, an admin quarantine bypass) is left to Synapse, so its answer stays exact.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import re
+import urllib.parse
+from dataclasses import dataclass
+from typing import Final
+
+Query = dict[str, list[str]]
+
+
+class Api(enum.Enum):
+    """Which family of routes a request came in on; they differ in auth and flags."""
+
+    CLIENT = "client"  # /_matrix/client/v1/media: access token required
+    LEGACY = "legacy"  # /_matrix/media/{r0,v3,v1}: no token; `authenticated` media hidden
+
+
+class Kind(enum.Enum):
+    DOWNLOAD = "download"
+    THUMBNAIL = "thumbnail"
+
+
+@dataclass(frozen=True, slots=True)
+class MediaRequest:
+    api: Api
+    kind: Kind
+    server_name: str
+    media_id: str
+    file_name: str  # "" when absent: the stored upload name is used
+    raw_path: str  # percent-encoded, without query: Synapse quotes it in its 404s
+    query: Query
+
+    def first(self, name: str) -> str | None:
+        values = self.query.get(name)
+        return values[0] if values else None
+
+
+_DOWNLOAD: Final = re.compile(
+    r"^/_matrix/(?:(?P<client>client/v1/media)|media/(?:r0|v3|v1))/download/"
+    r"(?P<server_name>[^/]*)/(?P<media_id>[^/]*)(?:/(?P<file_name>[^/]*))?$"
+)
+_HOST: Final = re.compile(r"\A[0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*\Z")
+
+
+def _unquote(group: str | None) -> str:
+    return urllib.parse.unquote(group) if group else ""
+
+
+def parse_query(raw_query: str) -> Query:
+    """Query arguments as Twisted gives them to Synapse: blanks kept, order kept."""
+    return urllib.parse.parse_qs(raw_query, keep_blank_values=True)
+
+
+def valid_server_name(server_name: str) -> bool:
+    """Synapse's `parse_and_validate_server_name`, as a predicate."""
+    host = server_name
+    if not server_name.endswith("]") and ":" in server_name:
+        host, _, port = server_name.rpartition(":")
+        try:
+            int(port)
+        except ValueError:
+            return False
+    if host.startswith("["):
+        if not host.endswith("]"):
+            return False
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return False
+        return True
+    return bool(_HOST.match(host))
+
+
+def _valid_non_negative_int(value: str) -> bool:
+    try:
+        return int(value) >= 0
+    except ValueError:
+        return False
+
+
+def parse(method: str, raw_target: str) -> MediaRequest | None:
+    """A download the proxy may answer itself, or None to pass the request to Synapse."""
+    if method not in ("GET", "HEAD"):
+        return None
+    raw_path, _, raw_query = raw_target.partition("?")
+    match = _DOWNLOAD.match(raw_path)
+    if match is None:
+        return None
+    server_name = _unquote(match["server_name"])
+    if not valid_server_name(server_name):
+        return None  # Synapse answers 500; let it
+    query = parse_query(raw_query)
+    timeout = query.get("timeout_ms")
+    if timeout and not _valid_non_negative_int(timeout[0]):
+        return None  # Synapse's 400 M_INVALID_PARAM
+    api = Api.CLIENT if match["client"] else Api.LEGACY
+    if api is Api.CLIENT and "admin_unsafely_bypass_quarantine" in query:
+        return None  # needs an admin check only Synapse can make
+    return MediaRequest(
+        api=api,
+        kind=Kind.DOWNLOAD,
+        server_name=server_name,
+        media_id=_unquote(match["media_id"]),
+        file_name=_unquote(match["file_name"]),
+        raw_path=raw_path,
+        query=query,
+    )

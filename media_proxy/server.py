@@ -1,0 +1,227 @@
+"""The aiohttp server: wires the pipeline together, logs one event per request, runs workers.
+
+Every request goes through `Proxy.handle`: a download of local media the proxy can answer
+goes down the download pipeline; everything else, and anything the pipeline is unsure of,
+is passed to Synapse. Several worker processes share the port (SO_REUSEPORT) and the cache;
+fill.py keeps them to one S3 GET per file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import sys
+import time
+import uuid
+from typing import Final
+
+import structlog
+from aiohttp import web
+
+from media_proxy import parse
+from media_proxy.authorize import Authorizer
+from media_proxy.config import Config
+from media_proxy.download import Downloads, Outcome
+from media_proxy.fill import Filler
+from media_proxy.locate import Locator
+from media_proxy.metadata import Metadata, open_database
+from media_proxy.passthrough import SynapseClient
+from media_proxy.respond import ClientGone, abort
+from media_proxy.s3 import S3
+
+log = structlog.get_logger("media_proxy")
+
+HEALTH_PATH: Final = "/_media_proxy/health"
+
+
+class Proxy:
+    """All long-lived parts of one worker process."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.synapse = SynapseClient(config.synapse_url)
+        self.s3 = S3(config.s3) if config.s3 is not None else None
+        self.filler = (
+            Filler(config.cache_path, self.s3, chunk_size=config.s3_chunk_size)
+            if self.s3 is not None
+            else None
+        )
+        self.authorizer = Authorizer(
+            self.synapse,
+            ttl=config.auth_cache_ttl,
+            failure_ttl=config.auth_failure_ttl,
+            maxsize=config.auth_cache_size,
+        )
+        self.metadata: Metadata | None = None
+        self.downloads: Downloads | None = None
+
+    async def start(self) -> None:
+        db = await open_database(self.config.database)
+        self.metadata = Metadata(
+            db,
+            ttl=self.config.metadata_cache_ttl,
+            maxsize=self.config.metadata_cache_size,
+            flush_interval=self.config.access_flush_interval,
+        )
+        await self.metadata.start()
+        if self.s3 is not None:
+            await self.s3.start()
+        locator = Locator(
+            self.config.cache_path, self.filler, open_hits=not self.config.accel_redirect
+        )
+        self.downloads = Downloads(self.config, self.authorizer, self.metadata, locator)
+
+    async def close(self) -> None:
+        if self.filler is not None:
+            await self.filler.close()
+        if self.metadata is not None:
+            await self.metadata.close()
+        if self.s3 is not None:
+            await self.s3.close()
+        await self.synapse.close()
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        outcome = Outcome()
+        media = parse.parse(request.method, request.raw_path)
+        response: web.StreamResponse | None = None
+        try:
+            if request.path == HEALTH_PATH:
+                outcome.source = "proxy"
+                return web.json_response({"status": "ok"})
+            if (
+                media is not None
+                and media.server_name == self.config.server_name
+                and self.downloads is not None
+            ):
+                response = await self.downloads.serve(request, media, outcome)
+            if response is None:
+                outcome.source = "synapse"
+                response = await self.synapse.forward(request)
+            return response
+        except ClientGone:
+            outcome.bytes = -1
+            raise
+        except Exception:
+            log.exception("request.error", path=request.path)
+            if response is not None and response.prepared:
+                abort(request)
+                return response
+            outcome.source = "synapse"
+            response = await self.synapse.forward(request)
+            return response
+        finally:
+            log.info(
+                "request",
+                request_id=request.headers.get("X-Request-ID") or uuid.uuid4().hex[:16],
+                method=request.method,
+                path=request.path,  # never the query: it may carry an access token
+                route=media.api.value if media else "other",
+                media_id=media.media_id if media else None,
+                source=outcome.source,
+                status=response.status if response is not None else None,
+                bytes=outcome.bytes,
+                ms=round((time.perf_counter() - started) * 1000, 2),
+            )
+
+
+def make_app(config: Config) -> web.Application:
+    app = web.Application(client_max_size=config.max_upload_size + 1024 * 1024)
+    proxy = Proxy(config)
+
+    async def on_startup(_: web.Application) -> None:
+        await proxy.start()
+
+    async def on_cleanup(_: web.Application) -> None:
+        await proxy.close()
+
+    app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    return app
+
+
+def _run_worker(config: Config, *, reuse_port: bool) -> None:
+    web.run_app(
+        make_app(config),
+        host=config.listen_host,
+        port=config.listen_port,
+        reuse_port=reuse_port,
+        access_log=None,
+        print=None,
+        handler_cancellation=False,
+        shutdown_timeout=5,
+    )
+
+
+def serve(config: Config) -> int:
+    """Run the server in the foreground until SIGTERM or SIGINT."""
+    if config.s3 is not None:
+        config.cache_path.mkdir(parents=True, exist_ok=True)
+        removed = Filler(config.cache_path, S3(config.s3), chunk_size=1).prepare()
+        if removed:
+            log.info("cache_fill.stale_removed", count=removed)
+    log.info(
+        "server.start",
+        listen=f"{config.listen_host}:{config.listen_port}",
+        workers=config.workers,
+        server_name=config.server_name,
+        cache_path=str(config.cache_path),
+        synapse_url=config.synapse_url,
+        s3_bucket=config.s3.bucket if config.s3 else None,
+    )
+    if config.workers == 1:
+        _run_worker(config, reuse_port=False)
+        return 0
+    return _supervise(config)
+
+
+def _supervise(config: Config) -> int:
+    """Fork the workers, restart any that die, and pass stop signals on to them."""
+    children: dict[int, int] = {}
+    stopping = False
+
+    def spawn(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                _run_worker(config, reuse_port=True)
+            finally:
+                os._exit(0)
+        children[pid] = slot
+
+    def stop(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for slot in range(config.workers):
+        spawn(slot)
+    while children:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+        if pid not in children:
+            continue
+        slot = children.pop(pid)
+        if not stopping:
+            log.warning("worker.died", pid=pid, status=status)
+            time.sleep(0.5)
+            spawn(slot)
+    return 0
+
+
+def main_asyncio_policy() -> None:
+    """The default asyncio loop: uvloop has no loop.sendfile, which the hit path relies on."""
+    if sys.platform != "linux":
+        raise SystemExit("media-proxy: Linux is required (flock, sendfile, SO_REUSEPORT)")
+    asyncio.set_event_loop_policy(asyncio.DefaultEventLoopPolicy())
