@@ -34,6 +34,7 @@ from media_proxy.s3 import S3
 log = structlog.get_logger("media_proxy")
 
 HEALTH_PATH: Final = "/_media_proxy/health"
+_CRASH_LOOP_S: Final = 5.0
 
 
 class Proxy:
@@ -41,37 +42,36 @@ class Proxy:
 
     def __init__(self, config: Config) -> None:
         self.config = config
+        self.synapse: SynapseClient | None = None
+        self.s3: S3 | None = None
+        self.filler: Filler | None = None
+        self.metadata: Metadata | None = None
+        self.downloads: Downloads | None = None
+
+    async def start(self) -> None:
+        """Build the long-lived parts inside the worker's event loop."""
+        config = self.config
         self.synapse = SynapseClient(config.synapse_url)
-        self.s3 = S3(config.s3) if config.s3 is not None else None
-        self.filler = (
-            Filler(config.cache_path, self.s3, chunk_size=config.s3_chunk_size)
-            if self.s3 is not None
-            else None
+        db = await open_database(config.database)
+        self.metadata = Metadata(
+            db,
+            ttl=config.metadata_cache_ttl,
+            maxsize=config.metadata_cache_size,
+            flush_interval=config.access_flush_interval,
         )
-        self.authorizer = Authorizer(
+        await self.metadata.start()
+        if config.s3 is not None:
+            self.s3 = S3(config.s3)
+            await self.s3.start()
+            self.filler = Filler(config.cache_path, self.s3, chunk_size=config.s3_chunk_size)
+        authorizer = Authorizer(
             self.synapse,
             ttl=config.auth_cache_ttl,
             failure_ttl=config.auth_failure_ttl,
             maxsize=config.auth_cache_size,
         )
-        self.metadata: Metadata | None = None
-        self.downloads: Downloads | None = None
-
-    async def start(self) -> None:
-        db = await open_database(self.config.database)
-        self.metadata = Metadata(
-            db,
-            ttl=self.config.metadata_cache_ttl,
-            maxsize=self.config.metadata_cache_size,
-            flush_interval=self.config.access_flush_interval,
-        )
-        await self.metadata.start()
-        if self.s3 is not None:
-            await self.s3.start()
-        locator = Locator(
-            self.config.cache_path, self.filler, open_hits=not self.config.accel_redirect
-        )
-        self.downloads = Downloads(self.config, self.authorizer, self.metadata, locator)
+        locator = Locator(config.cache_path, self.filler, open_hits=not config.accel_redirect)
+        self.downloads = Downloads(config, authorizer, self.metadata, locator)
 
     async def close(self) -> None:
         if self.filler is not None:
@@ -80,7 +80,12 @@ class Proxy:
             await self.metadata.close()
         if self.s3 is not None:
             await self.s3.close()
-        await self.synapse.close()
+        if self.synapse is not None:
+            await self.synapse.close()
+
+    def _synapse(self) -> SynapseClient:
+        assert self.synapse is not None, "start() first"
+        return self.synapse
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         started = time.perf_counter()
@@ -99,7 +104,7 @@ class Proxy:
                 response = await self.downloads.serve(request, media, outcome)
             if response is None:
                 outcome.source = "synapse"
-                response = await self.synapse.forward(request)
+                response = await self._synapse().forward(request)
             return response
         except ClientGone:
             outcome.bytes = -1
@@ -110,7 +115,7 @@ class Proxy:
                 abort(request)
                 return response
             outcome.source = "synapse"
-            response = await self.synapse.forward(request)
+            response = await self._synapse().forward(request)
             return response
         finally:
             log.info(
@@ -181,16 +186,23 @@ def serve(config: Config) -> int:
 def _supervise(config: Config) -> int:
     """Fork the workers, restart any that die, and pass stop signals on to them."""
     children: dict[int, int] = {}
+    started_at: dict[int, float] = {}
     stopping = False
+    failed = False
 
     def spawn(slot: int) -> None:
         pid = os.fork()
         if pid == 0:
+            code = 1
             try:
                 _run_worker(config, reuse_port=True)
+                code = 0
+            except BaseException:
+                log.exception("worker.crashed")
             finally:
-                os._exit(0)
+                os._exit(code)
         children[pid] = slot
+        started_at[pid] = time.monotonic()
 
     def stop(signum: int, _frame: object) -> None:
         nonlocal stopping
@@ -213,11 +225,16 @@ def _supervise(config: Config) -> int:
         if pid not in children:
             continue
         slot = children.pop(pid)
-        if not stopping:
-            log.warning("worker.died", pid=pid, status=status)
-            time.sleep(0.5)
-            spawn(slot)
-    return 0
+        if stopping:
+            continue
+        log.warning("worker.died", pid=pid, status=status)
+        if time.monotonic() - started_at.pop(pid) < _CRASH_LOOP_S:
+            # dying right after start is a set-up problem, not bad luck: stop the others
+            failed = True
+            stop(signal.SIGTERM, None)
+            continue
+        spawn(slot)
+    return 1 if failed else 0
 
 
 def main_asyncio_policy() -> None:
