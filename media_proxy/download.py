@@ -15,7 +15,7 @@ from media_proxy import headers as h
 from media_proxy import paths, respond
 from media_proxy.authorize import Authorizer, Credentials, SynapseUnavailable, credentials
 from media_proxy.config import Config
-from media_proxy.locate import Hit, Locator, Miss
+from media_proxy.locate import Direct, Hit, Locator, Miss
 from media_proxy.metadata import DatabaseError, LocalMedia, Metadata
 from media_proxy.parse import Api, MediaRequest
 from media_proxy.passthrough import client_ip
@@ -104,10 +104,15 @@ class Downloads:
                     outcome.bytes = 0
                     return respond.accel_redirect(media_headers, self.config.accel_redirect + rel)
                 response = await respond.file(request, media_headers, found.fd, row.media_length)
-            else:
-                assert isinstance(found, Miss)
+            elif isinstance(found, Miss):
                 outcome.source = "s3"
                 response = await respond.fill(request, media_headers, found.fill)
+            else:
+                assert isinstance(found, Direct)
+                outcome.source = "s3-uncached"
+                response = await respond.stream(
+                    request, media_headers, found.body, self.config.s3_chunk_size
+                )
             outcome.bytes = sent
             return response
         except respond.ClientGone:

@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import errno
 import fcntl
 import hashlib
 import os
 import secrets
+import time
 from pathlib import Path
 from typing import Final
 
@@ -41,10 +43,18 @@ HOLDBACK: Final = 1
 _FOLLOW_POLL_MIN: Final = 0.002
 _FOLLOW_POLL_MAX: Final = 0.05
 _ACQUIRE_ATTEMPTS: Final = 50
+_NO_SPACE_LOG_INTERVAL_S: Final = 60.0
+_FALLOC_FL_KEEP_SIZE: Final = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
 
 
 class FillUnavailable(Exception):
     """The fill could not start (not in S3, S3 error, size mismatch): ask Synapse."""
+
+
+class NoSpace(FillUnavailable):
+    """The cache cannot hold the file now; the caller streams from S3 without caching."""
 
 
 class FillFailed(Exception):
@@ -132,6 +142,27 @@ def complete(path: str, length: int) -> bool:
         return False
 
 
+def reserve(fd: int, length: int) -> None:
+    """Reserve the file's blocks up front (size unchanged: followers watch the size grow),
+    so a full disk shows before a byte is promised rather than in the middle of a fill."""
+    if length and _libc.fallocate(fd, _FALLOC_FL_KEEP_SIZE, 0, length) != 0:
+        err = ctypes.get_errno()
+        if err not in (errno.EOPNOTSUPP, errno.ENOSYS):
+            raise OSError(err, os.strerror(err))
+
+
+def _rename_into_place(src: str, dst: str) -> None:
+    """makedirs + rename, again if an evictor pruned the empty parent in between."""
+    for attempt in range(5):
+        os.makedirs(os.path.dirname(dst), exist_ok=True)
+        try:
+            os.rename(src, dst)
+            return
+        except FileNotFoundError:
+            if attempt == 4 or not os.path.exists(src):
+                raise
+
+
 def _lock_is_free(fd: int) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -178,6 +209,7 @@ class Filler:
         self.file_mode = 0o666 & ~umask  # what Synapse's open(path, "wb") would give
         self._fills: dict[str, Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._no_space_logged = 0.0
 
     def prepare(self) -> int:
         """Create the fill directory and remove what crashed fills left; returns the count."""
@@ -204,6 +236,15 @@ class Filler:
             role, fd = self._acquire(rel, final, length)
             if role == "hit":
                 return None
+            if role == "lead":
+                try:
+                    reserve(fd, length)
+                except OSError as e:
+                    self._abandon(rel, fd)
+                    if _is_no_space(e):
+                        self._log_no_space(rel, length)
+                        raise NoSpace(str(e)) from e
+                    raise
             fill = Fill(rel, final, length, fd, leader=role == "lead")
             self._fills[rel] = fill
             driver = self._lead(fill, sha256) if fill.leader else self._follow(fill)
@@ -212,6 +253,19 @@ class Filler:
             task.add_done_callback(self._tasks.discard)
         fill.readers += 1
         return fill
+
+    def _abandon(self, rel: str, fd: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.fill_dir / paths.fill_name(rel))
+        os.close(fd)  # drops the lock
+
+    def _log_no_space(self, rel: str, length: int) -> None:
+        now = time.monotonic()
+        if now - self._no_space_logged >= _NO_SPACE_LOG_INTERVAL_S:
+            self._no_space_logged = now
+            log.warning(
+                "cache_fill.no_space", rel=rel, bytes=length, detail="serving from S3 uncached"
+            )
 
     def _acquire(self, rel: str, final: str, length: int) -> tuple[str, int]:
         name = str(self.fill_dir / paths.fill_name(rel))
@@ -277,8 +331,7 @@ class Filler:
                 raise FillFailed("sha256 of the S3 object differs from the database's")
             await asyncio.to_thread(os.fsync, fill.fd)
             os.fchmod(fill.fd, self.file_mode)
-            os.makedirs(os.path.dirname(fill.final_path), exist_ok=True)
-            os.rename(name, fill.final_path)
+            _rename_into_place(name, fill.final_path)
             fill.succeed()
             log.info("cache_fill.done", rel=fill.rel, bytes=written)
         except BaseException as e:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from media_proxy import paths
-from media_proxy.fill import Fill, Filler, FillUnavailable
+from media_proxy.fill import Fill, Filler, FillUnavailable, NoSpace
+from media_proxy.s3 import S3Error, S3Object
 
 
 @dataclass(slots=True)
@@ -38,7 +39,18 @@ class Miss:
         self.fill.release()
 
 
-Found = Hit | Miss
+@dataclass(slots=True)
+class Direct:
+    """An S3 body streamed to one client without caching (the cache has no room)."""
+
+    rel: str
+    body: S3Object
+
+    def close(self) -> None:
+        self.body.close()
+
+
+Found = Hit | Miss | Direct
 
 
 class Locator:
@@ -71,6 +83,8 @@ class Locator:
             return None
         try:
             fill = await self.filler.open(rel, length, sha256)
+        except NoSpace:
+            return await self._direct(rel, length)
         except (FillUnavailable, OSError):
             return None
         if fill is None:  # completed by another process meanwhile
@@ -81,3 +95,16 @@ class Locator:
             fill.release()
             return None
         return Miss(rel, fill)
+
+    async def _direct(self, rel: str, length: int) -> Direct | None:
+        assert self.filler is not None
+        try:
+            body = await self.filler.s3.open(rel)
+        except S3Error:
+            return None
+        if body is None:
+            return None
+        if body.length != length:
+            body.close()
+            return None
+        return Direct(rel, body)

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from media_proxy import headers as h
 from media_proxy.fill import Fill, FillFailed
+from media_proxy.s3 import S3Object
 
 # Large enough that one sendfile call moves a lot; small enough to interleave clients.
 _SENDFILE_BLOCK: Final = 4 * 1024 * 1024
@@ -145,5 +146,27 @@ async def fill(request: web.Request, media_headers: h.Headers, fill: Fill) -> we
                 return response
             await _sendfile(request, fill.fd, offset, end - offset)
             offset = end
+    await response.write_eof()
+    return response
+
+
+async def stream(
+    request: web.Request, media_headers: h.Headers, body: S3Object, chunk_size: int
+) -> web.StreamResponse:
+    """Uncached: S3's body straight to the client; a short body aborts the client."""
+    response = await _start(request, media_headers)
+    if request.method != "HEAD":
+        sent = 0
+        try:
+            async for chunk in body.chunks(chunk_size):
+                await response.write(chunk)
+                sent += len(chunk)
+        except (ConnectionError, RuntimeError) as e:
+            raise ClientGone from e
+        except Exception:
+            sent = -1
+        if sent != body.length:
+            abort(request)
+            return response
     await response.write_eof()
     return response
