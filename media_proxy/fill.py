@@ -151,6 +151,14 @@ def reserve(fd: int, length: int) -> None:
             raise OSError(err, os.strerror(err))
 
 
+def _write_at(fd: int, data: bytes, offset: int) -> None:
+    """pwrite, never write: sendfile on the shared descriptor moves its file position."""
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
 def _rename_into_place(src: str, dst: str) -> None:
     """makedirs + rename, again if an evictor pruned the empty parent in between."""
     for attempt in range(5):
@@ -318,9 +326,7 @@ class Filler:
             async for chunk in obj.chunks(self.chunk_size):
                 if written + len(chunk) > fill.length:
                     raise FillFailed("S3 sent more bytes than it announced")
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fill.fd, view) :]
+                _write_at(fill.fd, chunk, written)
                 if hasher is not None:
                     hasher.update(chunk)
                 written += len(chunk)
@@ -330,6 +336,8 @@ class Filler:
             if hasher is not None and sha256 is not None and hasher.hexdigest() != sha256.lower():
                 raise FillFailed("sha256 of the S3 object differs from the database's")
             await asyncio.to_thread(os.fsync, fill.fd)
+            if os.fstat(fill.fd).st_size != fill.length:
+                raise FillFailed("the fill file's size differs from what was written")
             os.fchmod(fill.fd, self.file_mode)
             _rename_into_place(name, fill.final_path)
             fill.succeed()
