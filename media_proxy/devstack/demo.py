@@ -116,7 +116,8 @@ def walk_through(synapse: Synapse, proxy: MediaProxy, token: str) -> bool:
         refilled = stored.exists() and stored.read_bytes() == data
         ok &= refilled
         say(
-            f"  {name:14} {len(data) / 1024:8.0f} KiB  {cells[0]:20} {cells[1]:20} {'yes' if refilled else 'NO'}"
+            f"  {name:14} {len(data) / 1024:8.0f} KiB  {cells[0]:20} {cells[1]:20}"
+            f" {'yes' if refilled else 'NO'}"
         )
     return ok
 
