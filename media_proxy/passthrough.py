@@ -31,6 +31,7 @@ HOP_BY_HOP: Final = frozenset(
         "trailer",
         "transfer-encoding",
         "upgrade",
+        "expect",  # aiohttp already answered 100-continue to the client
     }
 )
 _CHUNK: Final = 256 * 1024
