@@ -97,6 +97,10 @@ class Config:
     s3_chunk_size: int = 1024 * 1024
     accel_redirect: str | None = None
     cache_max_size: int | None = None
+    # Background eviction (serve): files younger than this are never evicted; one pass per
+    # interval.
+    cache_min_age: float = 86400.0
+    cache_evict_interval: float = 60.0
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "info"
     sources: tuple[str, ...] = field(default=(), compare=False)
@@ -116,6 +120,22 @@ def parse_size(value: object, *, source: str, key: str) -> int:
     if match is None:
         raise ConfigError(source, key, f"expected a size like 50M or 10G, got {value!r}")
     return int(match[1]) * _SIZE_FACTORS[match[2].upper()]
+
+
+_DURATION: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)?\s*$", re.IGNORECASE)
+_DURATION_FACTORS: Final = {"": 1, "s": 1, "m": 60, "min": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(value: object, *, source: str, key: str) -> float:
+    """Seconds from a number or "30s", "15m" (minutes), "12h", "1d", "2w"."""
+    if isinstance(value, bool):
+        raise ConfigError(source, key, f"expected a duration like 12h or 1d, got {value!r}")
+    if isinstance(value, int | float) and value >= 0:
+        return float(value)
+    match = _DURATION.match(value) if isinstance(value, str) else None
+    if match is None:
+        raise ConfigError(source, key, f"expected a duration like 30m, 12h or 1d, got {value!r}")
+    return float(match[1]) * _DURATION_FACTORS[(match[2] or "").lower()]
 
 
 def parse_listen(value: str, *, source: str, key: str = "listen") -> tuple[str, int]:
@@ -272,6 +292,8 @@ _OWN_KEYS: Final = frozenset(
         "cache_path",
         "accel_redirect",
         "cache_max_size",
+        "cache_min_age",
+        "cache_evict_interval",
         "auth_cache_ttl",
         "auth_failure_ttl",
         "auth_cache_size",
@@ -298,6 +320,7 @@ def load(
     synapse_config: Sequence[Path] = (),
     overrides: Mapping[str, Any] | None = None,
     environ: Mapping[str, str] | None = None,
+    need_synapse_url: bool = True,
 ) -> Config:
     """Build the effective configuration; `overrides` are command-line values (None = unset)."""
     environ = os.environ if environ is None else environ
@@ -376,7 +399,9 @@ def load(
         cache_path = Path(str(cache_value)).absolute()
 
     synapse_url = own.get("synapse_url")
-    if not isinstance(synapse_url, str) or not re.match(r"^https?://", synapse_url):
+    if synapse_url is None and not need_synapse_url:
+        synapse_url = ""  # offline commands (`cache ...`) never talk to Synapse
+    elif not isinstance(synapse_url, str) or not re.match(r"^https?://", synapse_url):
         raise ConfigError(own_src, "synapse_url", f"expected an http(s) URL, got {synapse_url!r}")
     host, port = parse_listen(str(own.get("listen", "127.0.0.1:8011")), source=own_src)
     r = _Reader(own, own_src)
@@ -417,6 +442,15 @@ def load(
         cache_max_size=None
         if max_size is None
         else parse_size(max_size, source=own_src, key="cache_max_size"),
+        cache_min_age=parse_duration(
+            own.get("cache_min_age", "1d"), source=own_src, key="cache_min_age"
+        ),
+        cache_evict_interval=max(
+            0.1,
+            parse_duration(
+                own.get("cache_evict_interval", 60), source=own_src, key="cache_evict_interval"
+            ),
+        ),
         log_format=log_format,  # type: ignore[arg-type]
         log_level=r.text("log_level", "info") or "info",
         sources=(own_src, hs_src),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -65,10 +66,76 @@ def _local_from_row(media_id: str, row: Any) -> LocalMedia:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class StoreRow:
+    """What the cache's upkeep (inventory, eviction, upload) needs from one media row."""
+
+    media_length: int | None
+    created_ts: int | None
+    last_access_ts: int | None
+    url_cache: bool
+    sha256: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ThumbnailRow:
+    """One thumbnail row; `server_name`/`filesystem_id` are empty for local media."""
+
+    media_id: str
+    server_name: str
+    filesystem_id: str
+    width: int
+    height: int
+    content_type: str
+    method: str
+    length: int | None
+
+
+# Bulk reads for the cache's upkeep: local rows by their (indexed) media_id, in batches;
+# remote rows are keyed on disk by filesystem_id, which has no index, so one scan.
+_BATCH: Final = 500
+_STORE_LOCAL: Final = (
+    "SELECT media_id, media_length, created_ts, last_access_ts, url_cache, sha256"
+    " FROM local_media_repository WHERE media_id IN ({})"
+)
+_STORE_LOCAL_THUMBNAILS: Final = (
+    "SELECT media_id, thumbnail_width, thumbnail_height, thumbnail_type, thumbnail_method,"
+    " thumbnail_length FROM local_media_repository_thumbnails WHERE media_id IN ({})"
+)
+_STORE_REMOTE: Final = (
+    "SELECT media_origin, filesystem_id, media_length, created_ts, last_access_ts, sha256"
+    " FROM remote_media_cache"
+)
+_STORE_REMOTE_THUMBNAILS: Final = (
+    "SELECT t.media_origin, r.filesystem_id, t.thumbnail_width, t.thumbnail_height,"
+    " t.thumbnail_type, t.thumbnail_method, t.thumbnail_length"
+    " FROM remote_media_cache_thumbnails AS t JOIN remote_media_cache AS r"
+    " ON r.media_origin = t.media_origin AND r.media_id = t.media_id"
+)
+
+
+def _store_row(row: Any) -> StoreRow:
+    return StoreRow(
+        media_length=row[0],
+        created_ts=row[1],
+        last_access_ts=row[2],
+        url_cache=row[3] is not None,
+        sha256=row[4],
+    )
+
+
+def _thumbnail_row(media_id: str, server: str, fid: str, row: Any) -> ThumbnailRow:
+    return ThumbnailRow(media_id, server, fid, int(row[0]), int(row[1]), row[2], row[3], row[4])
+
+
 class Database(Protocol):
     async def local_media(self, media_id: str) -> LocalMedia | None: ...
     async def touch_local(self, media_ids: list[str], now_ms: int) -> None: ...
     async def can_write(self) -> bool: ...
+    async def store_local_rows(self, media_ids: Sequence[str]) -> dict[str, StoreRow]: ...
+    async def store_local_thumbnails(self, media_ids: Sequence[str]) -> list[ThumbnailRow]: ...
+    async def store_remote_rows(self) -> dict[tuple[str, str], StoreRow]: ...
+    async def store_remote_thumbnails(self) -> list[ThumbnailRow]: ...
     async def close(self) -> None: ...
 
 
@@ -114,6 +181,36 @@ class SqliteDatabase:
         except sqlite3.Error:
             return False
 
+    async def _all(self, sql: str, args: Sequence[Any] = ()) -> list[Any]:
+        try:
+            async with self._conn.execute(sql, tuple(args)) as cursor:
+                return list(await cursor.fetchall())
+        except sqlite3.Error as e:
+            raise DatabaseError(str(e)) from e
+
+    async def _batched(self, template: str, ids: Sequence[str]) -> list[Any]:
+        rows: list[Any] = []
+        for i in range(0, len(ids), _BATCH):
+            batch = ids[i : i + _BATCH]
+            rows += await self._all(template.format(",".join("?" * len(batch))), batch)
+        return rows
+
+    async def store_local_rows(self, media_ids: Sequence[str]) -> dict[str, StoreRow]:
+        rows = await self._batched(_STORE_LOCAL, media_ids)
+        return {r[0]: _store_row(r[1:]) for r in rows}
+
+    async def store_local_thumbnails(self, media_ids: Sequence[str]) -> list[ThumbnailRow]:
+        rows = await self._batched(_STORE_LOCAL_THUMBNAILS, media_ids)
+        return [_thumbnail_row(r[0], "", "", r[1:]) for r in rows]
+
+    async def store_remote_rows(self) -> dict[tuple[str, str], StoreRow]:
+        rows = await self._all(_STORE_REMOTE)
+        return {(r[0], r[1]): _store_row((r[2], r[3], r[4], None, r[5])) for r in rows}
+
+    async def store_remote_thumbnails(self) -> list[ThumbnailRow]:
+        rows = await self._all(_STORE_REMOTE_THUMBNAILS)
+        return [_thumbnail_row("", r[0], r[1], r[2:]) for r in rows]
+
     async def close(self) -> None:
         await self._conn.close()
 
@@ -156,6 +253,35 @@ class PostgresDatabase:
         except (asyncpg.PostgresError, OSError) as e:
             raise DatabaseError(str(e)) from e
         return bool(allowed)
+
+    async def _all(self, sql: str, *args: Any) -> list[Any]:
+        try:
+            return list(await self._pool.fetch(sql, *args))
+        except (TimeoutError, asyncpg.PostgresError, OSError) as e:
+            raise DatabaseError(str(e)) from e
+
+    async def _batched(self, template: str, ids: Sequence[str]) -> list[Any]:
+        sql = template.replace("IN ({})", "= ANY($1::text[])")
+        rows: list[Any] = []
+        for i in range(0, len(ids), _BATCH * 10):
+            rows += await self._all(sql, list(ids[i : i + _BATCH * 10]))
+        return rows
+
+    async def store_local_rows(self, media_ids: Sequence[str]) -> dict[str, StoreRow]:
+        rows = await self._batched(_STORE_LOCAL, media_ids)
+        return {r[0]: _store_row(tuple(r)[1:]) for r in rows}
+
+    async def store_local_thumbnails(self, media_ids: Sequence[str]) -> list[ThumbnailRow]:
+        rows = await self._batched(_STORE_LOCAL_THUMBNAILS, media_ids)
+        return [_thumbnail_row(r[0], "", "", tuple(r)[1:]) for r in rows]
+
+    async def store_remote_rows(self) -> dict[tuple[str, str], StoreRow]:
+        rows = await self._all(_STORE_REMOTE)
+        return {(r[0], r[1]): _store_row((r[2], r[3], r[4], None, r[5])) for r in rows}
+
+    async def store_remote_thumbnails(self) -> list[ThumbnailRow]:
+        rows = await self._all(_STORE_REMOTE_THUMBNAILS)
+        return [_thumbnail_row("", r[0], r[1], tuple(r)[2:]) for r in rows]
 
     async def close(self) -> None:
         await self._pool.close()

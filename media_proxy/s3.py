@@ -7,10 +7,13 @@ SSE-C headers when the provider uses them, and never calculate checksums Garage 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import aiobotocore.session
 from aiobotocore.config import AioConfig
@@ -19,6 +22,9 @@ from botocore.exceptions import BotoCoreError, ClientError
 from media_proxy.config import S3Config
 
 _NOT_FOUND = frozenset({"404", "NoSuchKey", "NotFound"})
+# boto3's upload_file (what the provider uses) goes multipart from 8 MiB, in 8 MiB parts.
+MULTIPART_THRESHOLD: Final = 8 * 1024 * 1024
+PART_SIZE: Final = 8 * 1024 * 1024
 
 
 class S3Error(Exception):
@@ -126,6 +132,99 @@ class S3:
             raise S3Error(f"ListObjectsV2 {self.config.bucket}: {_error_code(e)}") from e
         except (BotoCoreError, OSError, TimeoutError) as e:
             raise S3Error(f"ListObjectsV2 {self.config.bucket}: {e}") from e
+
+    def _put_args(self) -> dict[str, str]:
+        """What the provider's upload_file sends: storage class and SSE-C, no Content-Type."""
+        return {"StorageClass": self.config.storage_class, **self._sse()}
+
+    async def put_file(self, rel: str, path: str) -> int:
+        """Upload the file at `path` to `rel`'s key (one PUT, or multipart from 8 MiB, as the
+        provider does); returns the bytes sent. An object appears only once complete; a
+        multipart upload that fails is aborted."""
+        key = self.key(rel)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            if size < MULTIPART_THRESHOLD:
+                body = await asyncio.to_thread(os.pread, fd, size, 0)
+                await self._call(
+                    "PutObject",
+                    key,
+                    self._client.put_object(
+                        Bucket=self.config.bucket, Key=key, Body=body, **self._put_args()
+                    ),
+                )
+                return len(body)
+            return await self._put_multipart(key, fd, size)
+        finally:
+            os.close(fd)
+
+    async def _put_multipart(self, key: str, fd: int, size: int) -> int:
+        bucket = self.config.bucket
+        created = await self._call(
+            "CreateMultipartUpload",
+            key,
+            self._client.create_multipart_upload(Bucket=bucket, Key=key, **self._put_args()),
+        )
+        upload_id = created["UploadId"]
+        parts: list[dict[str, Any]] = []
+        sent = 0
+        try:
+            for number, offset in enumerate(range(0, size, PART_SIZE), start=1):
+                body = await asyncio.to_thread(os.pread, fd, min(PART_SIZE, size - offset), offset)
+                part = await self._call(
+                    "UploadPart",
+                    key,
+                    self._client.upload_part(
+                        Bucket=bucket,
+                        Key=key,
+                        UploadId=upload_id,
+                        PartNumber=number,
+                        Body=body,
+                        **self._sse(),
+                    ),
+                )
+                parts.append({"ETag": part["ETag"], "PartNumber": number})
+                sent += len(body)
+            await self._call(
+                "CompleteMultipartUpload",
+                key,
+                self._client.complete_multipart_upload(
+                    Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+                ),
+            )
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self._client.abort_multipart_upload(
+                    Bucket=bucket, Key=key, UploadId=upload_id
+                )
+            raise
+        return sent
+
+    async def list_objects(self, rel_prefix: str = "") -> AsyncIterator[tuple[str, int]]:
+        """(store path, size) of every object under `prefix + rel_prefix` (ListObjectsV2)."""
+        prefix = self.key(rel_prefix)
+        token: str | None = None
+        while True:
+            extra = {"ContinuationToken": token} if token else {}
+            page = await self._call(
+                "ListObjectsV2",
+                prefix,
+                self._client.list_objects_v2(Bucket=self.config.bucket, Prefix=prefix, **extra),
+            )
+            for obj in page.get("Contents", []):
+                yield obj["Key"][len(self.config.prefix) :], int(obj["Size"])
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+
+    async def _call(self, what: str, key: str, call: Any) -> Any:
+        try:
+            return await call
+        except ClientError as e:
+            raise S3Error(f"{what} {key}: {_error_code(e)}") from e
+        except (BotoCoreError, OSError, TimeoutError) as e:
+            raise S3Error(f"{what} {key}: {e}") from e
 
 
 def _error_code(error: ClientError) -> str:
