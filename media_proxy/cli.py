@@ -1,4 +1,5 @@
-"""The `media-proxy` command: `serve` and `check`, sharing one set of configuration flags."""
+"""The `media-proxy` command: `serve`, `check` and `cache status|upload|evict`, sharing one set
+of configuration flags."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from media_proxy import __version__, logs
-from media_proxy.config import Config, ConfigError, load
+from media_proxy.config import Config, ConfigError, load, parse_duration, parse_size
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -38,9 +39,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"media-proxy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    _common(sub.add_parser("serve", help="run the proxy"))
+    serve = sub.add_parser("serve", help="run the proxy")
+    _common(serve)
+    serve.add_argument(
+        "--cache-max-size", help="evict in the background to keep the cache under SIZE (e.g. 50G)"
+    )
     _common(sub.add_parser("check", help="check configuration, database, S3, cache and Synapse"))
+    _cache_commands(sub.add_parser("cache", help="the cache's upkeep: status, upload, evict"))
     return parser
+
+
+def _cache_commands(cache: argparse.ArgumentParser) -> None:
+    sub = cache.add_subparsers(dest="cache_command", required=True)
+    status = sub.add_parser("status", help="size by kind, S3 coverage, access times, budget")
+    status.add_argument("--sample", help="check N random files against S3 (default: all)")
+    status.add_argument("--no-s3", action="store_true", help="do not ask S3 at all")
+    upload = sub.add_parser("upload", help="copy every cached file S3 lacks; never deletes")
+    upload.add_argument("--concurrency", default="8", help="files in flight (default 8)")
+    upload.add_argument("--dry-run", action="store_true", help="print what would be uploaded")
+    evict = sub.add_parser(
+        "evict", help="delete least recently accessed files S3 holds, down to a budget"
+    )
+    evict.add_argument("--max-size", help="the budget, e.g. 50G (default: cache_max_size)")
+    evict.add_argument("--min-age", default="1d", help="never evict younger files (default 1d)")
+    evict.add_argument("--dry-run", action="store_true", help="print the plan, change nothing")
+    evict.add_argument(
+        "--upload-missing", action="store_true", help="upload what S3 lacks, then evict it"
+    )
+    evict.add_argument("--concurrency", default="8", help="files in flight (default 8)")
+    evict.add_argument(
+        "--verify-sha256-max",
+        default="4M",
+        help="read back and hash S3 objects up to SIZE when the DB has a sha256 (0: never)",
+    )
+    for parser in (status, upload, evict):
+        _common(parser)
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -51,8 +85,58 @@ def _load(args: argparse.Namespace) -> Config:
         "cache_path": args.cache_path,
         "accel_redirect": args.accel_redirect,
         "log_format": args.log_format,
+        "cache_max_size": getattr(args, "cache_max_size", None),
     }
-    return load(config_file=args.config, synapse_config=args.synapse_config, overrides=overrides)
+    return load(
+        config_file=args.config,
+        synapse_config=args.synapse_config,
+        overrides=overrides,
+        need_synapse_url=args.command != "cache",
+    )
+
+
+def _cache(args: argparse.Namespace, config: Config) -> int:
+    from media_proxy import upkeep
+    from media_proxy.evict import Rules
+
+    def count(flag: str, value: str | None, *, minimum: int) -> int | None:
+        if value is None:
+            return None
+        if not value.isdigit() or int(value) < minimum:
+            raise ConfigError("command line", flag, f"expected a whole number >= {minimum}")
+        return int(value)
+
+    if args.cache_command == "status":
+        sample = count("--sample", args.sample, minimum=1)
+        return upkeep.run(
+            upkeep.run_status(config, sample=sample, as_json=args.json, check_s3=not args.no_s3)
+        )
+    concurrency = count("--concurrency", args.concurrency, minimum=1) or 1
+    if args.cache_command == "upload":
+        return upkeep.run(
+            upkeep.run_upload(
+                config, concurrency=concurrency, dry_run=args.dry_run, as_json=args.json
+            )
+        )
+    if args.max_size is not None:
+        max_size = parse_size(args.max_size, source="command line", key="--max-size")
+    elif config.cache_max_size is not None:
+        max_size = config.cache_max_size
+    else:
+        raise ConfigError("command line", "--max-size", "required (or cache_max_size in config)")
+    rules = Rules(
+        min_age=parse_duration(args.min_age, source="command line", key="--min-age"),
+        upload_missing=args.upload_missing,
+        verify_sha256_max=parse_size(
+            args.verify_sha256_max, source="command line", key="--verify-sha256-max"
+        ),
+        dry_run=args.dry_run,
+    )
+    return upkeep.run(
+        upkeep.run_evict(
+            config, max_size=max_size, rules=rules, concurrency=concurrency, as_json=args.json
+        )
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -63,6 +147,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"media-proxy: configuration error: {e}", file=sys.stderr)
         return 2
     logs.configure(config.log_format, config.log_level)
+    if args.command == "cache":
+        try:
+            return _cache(args, config)
+        except ConfigError as e:
+            print(f"media-proxy: {e.key}: {e.problem}", file=sys.stderr)
+            return 2
     if args.command == "check":
         from media_proxy import check
 

@@ -24,6 +24,7 @@ from media_proxy import parse
 from media_proxy.authorize import Authorizer
 from media_proxy.config import Config
 from media_proxy.download import Downloads, Outcome
+from media_proxy.evict import BackgroundEvictor
 from media_proxy.fill import Filler
 from media_proxy.locate import Locator
 from media_proxy.metadata import Metadata, open_database
@@ -47,6 +48,7 @@ class Proxy:
         self.filler: Filler | None = None
         self.metadata: Metadata | None = None
         self.downloads: Downloads | None = None
+        self.evictor: BackgroundEvictor | None = None
 
     async def start(self) -> None:
         """Build the long-lived parts inside the worker's event loop."""
@@ -64,6 +66,9 @@ class Proxy:
             self.s3 = S3(config.s3)
             await self.s3.start()
             self.filler = Filler(config.cache_path, self.s3, chunk_size=config.s3_chunk_size)
+            if config.cache_max_size is not None:
+                self.evictor = BackgroundEvictor(config, self.s3)
+                await self.evictor.start()
         authorizer = Authorizer(
             self.synapse,
             ttl=config.auth_cache_ttl,
@@ -74,6 +79,8 @@ class Proxy:
         self.downloads = Downloads(config, authorizer, self.metadata, locator)
 
     async def close(self) -> None:
+        if self.evictor is not None:
+            await self.evictor.close()
         if self.filler is not None:
             await self.filler.close()
         if self.metadata is not None:

@@ -1,0 +1,319 @@
+"""Eviction: delete cached files, least recently accessed first, until the cache fits a budget,
+and only files S3 is known, at that moment, to hold.
+
+For each candidate, in order of `CachedFile.last_access` (oldest first), one at a time per
+worker:
+1. it must still be the file the walk saw (inode, size, mtime), and be at least `min_age`
+   old by its mtime (a file Synapse is writing in place, or just wrote, is young);
+2. S3 is asked (HeadObject) for the provider's key: it must hold an object of the file's
+   size. A missing object is uploaded first with `upload_missing` (see upload.py for what
+   may be uploaded) and checked again; otherwise the file is skipped and counted;
+3. when the database records a sha256 and the object is small (`verify_sha256_max`), the
+   object is read back and its sha256 compared; larger objects are checked by size only
+   (ETags are not MD5s for multipart uploads, so they are never used);
+4. right before `unlink` the file is checked again to be unchanged since step 1;
+5. the now-empty folders above it are removed with `rmdir` (never `rmtree`), deepest
+   first, stopping at the kind's top folder; a refill recreates them (fill.py retries).
+Every step is idempotent and each deletion is a single `unlink` of a file S3 holds, so a
+SIGKILL at any moment loses nothing and leaves nothing partial: the next run walks again.
+URL-preview files and files outside Synapse's layout are never candidates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime
+import fcntl
+import hashlib
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import structlog
+
+from media_proxy import paths
+from media_proxy.config import Config
+from media_proxy.inventory import IN_S3, CachedFile, inventory
+from media_proxy.metadata import Database, DatabaseError, open_database
+from media_proxy.progress import Progress, Summary
+from media_proxy.s3 import S3, S3Error
+from media_proxy.upload import DEFAULT_VERIFY_SHA256_MAX, put_verified, refuse_reason, unchanged
+
+log = structlog.get_logger("media_proxy.cache")
+
+DEFAULT_MIN_AGE: Final = 86400.0
+_HASH_CHUNK: Final = 1024 * 1024
+# Background eviction: at most this many files per pass, and at most half the interval.
+BACKGROUND_MAX_FILES: Final = 5000
+
+
+@dataclass(frozen=True)
+class Rules:
+    min_age: float = DEFAULT_MIN_AGE
+    upload_missing: bool = False
+    verify_sha256_max: int = DEFAULT_VERIFY_SHA256_MAX
+    dry_run: bool = False
+
+
+def prune_empty_dirs(root: str, rel: str) -> int:
+    """rmdir the folders of `rel` that are now empty, deepest first, never the top folder.
+    Stops at the first folder that is not empty (or is gone); returns how many went."""
+    parts = rel.split("/")
+    removed = 0
+    for depth in range(len(parts) - 1, 1, -1):
+        try:
+            os.rmdir(os.path.join(root, *parts[:depth]))
+        except OSError:
+            break
+        removed += 1
+    return removed
+
+
+async def s3_sha256(s3: S3, rel: str) -> str | None:
+    """The sha256 of the S3 object's content (read in full), or None if it is gone."""
+    obj = await s3.open(rel)
+    if obj is None:
+        return None
+    try:
+        h = hashlib.sha256()
+        async for chunk in obj.chunks(_HASH_CHUNK):
+            h.update(chunk)
+        return h.hexdigest()
+    finally:
+        obj.close()
+
+
+class Evictor:
+    """One eviction pass over an inventory."""
+
+    def __init__(
+        self, s3: S3, root: str, rules: Rules, *, concurrency: int = 8, show_progress: bool = True
+    ) -> None:
+        self.s3, self.root, self.rules = s3, root, rules
+        self.concurrency = max(1, concurrency)
+        self.show_progress = show_progress
+
+    async def run(
+        self,
+        files: list[CachedFile],
+        max_size: int,
+        *,
+        max_files: int | None = None,
+        time_limit: float | None = None,
+    ) -> Summary:
+        started = time.monotonic()
+        summary = Summary("would evict" if self.rules.dry_run else "evicted")
+        total = sum(f.size for f in files)
+        need = total - max_size
+        candidates = sorted((f for f in files if f.kind in IN_S3), key=lambda f: f.last_access)
+        summary.extra.update(
+            budget_bytes=max_size, before_bytes=total, kept_not_in_s3_bytes=0, uploaded_files=0
+        )
+        summary.extra["kept_not_in_s3_bytes"] = sum(f.size for f in files if f.kind not in IN_S3)
+        progress = (
+            Progress("cache_evict", len(candidates), max(need, 0)) if self.show_progress else None
+        )
+        freed = inflight = 0
+        pending: set[asyncio.Task[int]] = set()
+        stopped = ""
+
+        async def settle(wait_all: bool = False) -> None:
+            if pending:
+                when = asyncio.ALL_COMPLETED if wait_all else asyncio.FIRST_COMPLETED
+                done, _ = await asyncio.wait(pending, return_when=when)
+                pending.difference_update(done)
+                for task in done:
+                    task.result()  # a bug in a worker stops the pass
+
+        def launch(f: CachedFile) -> None:
+            nonlocal inflight
+            inflight += f.size
+
+            def finished(task: asyncio.Task[int]) -> None:
+                nonlocal inflight, freed
+                inflight -= f.size
+                if not task.cancelled() and task.exception() is None:
+                    freed += task.result()
+                    if progress is not None:
+                        progress.advance(1, task.result())
+
+            task = asyncio.create_task(self._one(f, summary))
+            task.add_done_callback(finished)
+            pending.add(task)
+
+        try:
+            for f in candidates:
+                while pending and (freed + inflight >= need or len(pending) >= self.concurrency):
+                    await settle()
+                if freed >= need:
+                    break
+                if max_files is not None and summary.files + len(pending) >= max_files:
+                    stopped = "max_files"
+                    break
+                if time_limit is not None and time.monotonic() - started > time_limit:
+                    stopped = "time_limit"
+                    break
+                launch(f)
+            await settle(wait_all=True)
+        finally:
+            for task in pending:
+                task.cancel()
+            if progress is not None:
+                progress.close()
+        summary.seconds = time.monotonic() - started
+        after = total - freed
+        summary.extra.update(after_bytes=after, over_budget_bytes=max(0, after - max_size))
+        if stopped:
+            summary.extra["stopped"] = stopped
+        return summary
+
+    async def _one(self, f: CachedFile, summary: Summary) -> int:
+        """Evict one file if every rule allows; returns the bytes freed (or planned)."""
+        try:
+            reason = await self._evict(f, summary)
+        except OSError as e:  # e.g. no permission to unlink: the file stays
+            log.warning("cache_evict.error", rel=f.rel, error=str(e))
+            reason = "os_error"
+        if reason is not None:
+            summary.skip(reason, f.size)
+            return 0
+        summary.done(f.size)
+        return f.size
+
+    async def _evict(self, f: CachedFile, summary: Summary) -> str | None:
+        rules = self.rules
+        path = paths.in_store(self.root, f.rel)
+        if not unchanged(path, f):
+            return "changed"
+        if f.age() < rules.min_age:
+            return "too_young"
+        try:
+            s3_size = await self.s3.size(f.rel)
+        except S3Error as e:
+            log.warning("cache_evict.head_failed", rel=f.rel, error=str(e))
+            return "s3_error"
+        uploaded = False
+        if s3_size is None:
+            if not rules.upload_missing:
+                return "not_in_s3"
+            refused = await refuse_reason(self.root, f, verify_sha256_max=rules.verify_sha256_max)
+            if refused is not None:
+                return f"not_in_s3_and_{refused}"
+            if not rules.dry_run:
+                failed = await put_verified(self.s3, self.root, f)
+                if failed is not None:
+                    return f"upload_{failed}"
+                summary.extra["uploaded_files"] += 1
+            uploaded = True
+        elif s3_size != f.size:
+            return "size_differs_in_s3"
+        if f.sha256 and f.size <= rules.verify_sha256_max and not (uploaded and rules.dry_run):
+            try:
+                digest = await s3_sha256(self.s3, f.rel)
+            except S3Error as e:
+                log.warning("cache_evict.get_failed", rel=f.rel, error=str(e))
+                return "s3_error"
+            if digest != f.sha256:
+                return "sha256_differs_in_s3"
+        if rules.dry_run:
+            when = datetime.datetime.fromtimestamp(f.last_access, datetime.UTC)
+            action = "upload+evict" if uploaded else "evict"
+            print(f"{action} {f.rel} {f.size} last_access={when:%Y-%m-%dT%H:%M:%SZ}", flush=True)
+            return None
+        if not unchanged(path, f):
+            return "changed"
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            return "changed"
+        prune_empty_dirs(self.root, f.rel)
+        log.debug("cache_evict.file", rel=f.rel, bytes=f.size)
+        return None
+
+
+class DirLock:
+    """An flock on the cache directory itself (outside every folder anyone else uses), so
+    that one process among the workers sharing a cache runs the background evictor; the
+    kernel drops it when that process dies, and another worker takes over."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.fd = -1
+
+    def acquire(self) -> bool:
+        if self.fd >= 0:
+            return True
+        fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class BackgroundEvictor:
+    """`serve --cache-max-size`: one bounded eviction pass per interval, in one worker."""
+
+    def __init__(self, config: Config, s3: S3) -> None:
+        assert config.cache_max_size is not None
+        self.config, self.s3 = config, s3
+        self.max_size = config.cache_max_size
+        self.interval = config.cache_evict_interval
+        self.rules = Rules(min_age=config.cache_min_age)
+        self.lock = DirLock(config.cache_path)
+        self.db: Database | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self.config.cache_path.mkdir(parents=True, exist_ok=True)
+        self._task = asyncio.create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.tick()
+            except (DatabaseError, S3Error, OSError) as e:
+                log.warning("cache_evict.pass_failed", error=str(e))
+            except Exception:
+                log.exception("cache_evict.pass_failed")
+
+    async def tick(self) -> Summary | None:
+        """One pass, if this process holds the evictor lock."""
+        if not self.lock.acquire():
+            return None
+        if self.db is None:
+            self.db = await open_database(self.config.database)
+        files = await inventory(str(self.config.cache_path), self.db)
+        evictor = Evictor(self.s3, str(self.config.cache_path), self.rules, show_progress=False)
+        summary = await evictor.run(
+            files, self.max_size, max_files=BACKGROUND_MAX_FILES, time_limit=self.interval / 2
+        )
+        if summary.files or summary.skipped:
+            log.info("cache_evict.pass", **summary.as_dict())
+        if summary.extra.get("over_budget_bytes") and "stopped" not in summary.extra:
+            log.warning(
+                "cache.over_budget",
+                detail="cache over budget and nothing more evictable",
+                **summary.as_dict(),
+            )
+        return summary
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.db is not None:
+            await self.db.close()
+        self.lock.release()
