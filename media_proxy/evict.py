@@ -36,7 +36,7 @@ import structlog
 
 from media_proxy import paths
 from media_proxy.config import Config
-from media_proxy.inventory import IN_S3, CachedFile, inventory
+from media_proxy.inventory import IN_S3, CachedFile, annotate, walk
 from media_proxy.metadata import Database, DatabaseError, open_database
 from media_proxy.progress import Progress, Summary
 from media_proxy.s3 import S3, S3Error
@@ -289,13 +289,17 @@ class BackgroundEvictor:
                 log.exception("cache_evict.pass_failed")
 
     async def tick(self) -> Summary | None:
-        """One pass, if this process holds the evictor lock."""
+        """One pass, if this process holds the evictor lock and the cache is over budget."""
         if not self.lock.acquire():
             return None
+        root = str(self.config.cache_path)
+        files = await asyncio.to_thread(walk, root)
+        if sum(f.size for f in files) <= self.max_size:
+            return None  # under budget: no database work
         if self.db is None:
             self.db = await open_database(self.config.database)
-        files = await inventory(str(self.config.cache_path), self.db)
-        evictor = Evictor(self.s3, str(self.config.cache_path), self.rules, show_progress=False)
+        await annotate(self.db, files)
+        evictor = Evictor(self.s3, root, self.rules, show_progress=False)
         summary = await evictor.run(
             files, self.max_size, max_files=BACKGROUND_MAX_FILES, time_limit=self.interval / 2
         )
