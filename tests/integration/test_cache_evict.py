@@ -424,3 +424,23 @@ def test_background_evictor_keeps_the_budget(stack: Stack, tmp_path: Path) -> No
             assert stack.download(proxy, media) == media.data
     finally:
         proxy.stop()
+
+
+def test_background_evictor_says_when_nothing_is_evictable(stack: Stack, tmp_path: Path) -> None:
+    media = stack.upload(os.urandom(50_000))  # young: the background min-age keeps it
+    proxy = MediaProxy(
+        tmp_path / "proxy",
+        synapse_config=stack.synapse.config_path,
+        synapse_url=stack.synapse.url,
+        config={"cache_max_size": 0, "cache_min_age": "1h", "cache_evict_interval": 0.2},
+    ).start()
+    try:
+        time.sleep(1.5)
+    finally:
+        proxy.stop()
+    assert (stack.root / media.rel).exists()
+    events = [json.loads(line) for line in proxy.log_path.read_text().splitlines() if "{" in line]
+    over = [e for e in events if e.get("event") == "cache.over_budget"]
+    passes = [e for e in events if e.get("event") == "cache_evict.pass"]
+    assert 1 <= len(over) <= len(passes) <= 1.5 / 0.2 + 1
+    assert over[-1]["skipped"]["too_young"]["files"] >= 1
