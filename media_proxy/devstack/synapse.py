@@ -25,7 +25,7 @@ from typing import Any, Final, Self
 import yaml
 
 from media_proxy.devstack.postgres import PostgresDatabase
-from media_proxy.devstack.procs import LOOPBACK, ManagedProcess, free_port
+from media_proxy.devstack.procs import LOOPBACK, ManagedProcess, StartupError, free_port
 from media_proxy.devstack.seaweed import S3Config
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
@@ -186,7 +186,7 @@ class Synapse:
         """Generate homeserver.yaml once (keys, secrets), then (re)write the keys we control."""
         self.workdir.mkdir(parents=True, exist_ok=True)
         if not self.config_path.exists():
-            subprocess.run(
+            generated = subprocess.run(
                 [
                     self.python,
                     "-m",
@@ -201,9 +201,15 @@ class Synapse:
                     "--report-stats=no",
                 ],
                 cwd=self.workdir,
-                check=True,
+                check=False,
                 capture_output=True,
+                text=True,
             )
+            if generated.returncode != 0:
+                raise StartupError(
+                    f"Synapse --generate-config with {self.python} failed "
+                    f"({generated.returncode}):\n{generated.stdout}{generated.stderr}"
+                )
         config: dict[str, Any] = yaml.safe_load(self.config_path.read_text())
         log_config = self.workdir / "log.config"
         log_config.write_text(yaml.safe_dump(_log_config(self.log_level)))
