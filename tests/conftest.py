@@ -26,8 +26,10 @@ skips them). Logs of a failed start are quoted in the error; all logs stay under
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from pathlib import Path
+from types import FrameType
 
 import pytest
 
@@ -36,6 +38,17 @@ from tests.faults import FaultProxy
 
 PASSWORD = "devstack-password"
 DATABASES = ("sqlite", "postgres")
+
+
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A SIGTERM (a CI timeout, `kill`) would end Python without teardown or atexit hooks and
+    # orphan the servers; as an interrupt, fixtures stop them by PID.
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _interrupt)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
