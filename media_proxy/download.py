@@ -39,6 +39,16 @@ def _servable(row: LocalMedia) -> bool:
     )
 
 
+def _nginx_would_answer(request: web.Request) -> bool:
+    """Conditionals nginx evaluates on an X-Accel-Redirect (412s, a 304 for `*`) and Synapse
+    ignores: those requests are sent by the proxy itself."""
+    return (
+        "If-Match" in request.headers
+        or "If-Unmodified-Since" in request.headers
+        or "*" in request.headers.getall("If-None-Match", [])
+    )
+
+
 class Downloads:
     def __init__(
         self, config: Config, authorizer: Authorizer, metadata: Metadata, locator: Locator
@@ -89,7 +99,8 @@ class Downloads:
             rel = paths.local_media(row.media_id)
         except paths.PathError:
             return None
-        found = await self.locator.locate(rel, row.media_length, row.sha256)
+        accel = bool(self.config.accel_redirect) and not _nginx_would_answer(request)
+        found = await self.locator.locate(rel, row.media_length, row.sha256, open_hit=not accel)
         if found is None:
             outcome.source = "synapse"
             return None
@@ -100,7 +111,9 @@ class Downloads:
         try:
             if isinstance(found, Hit):
                 outcome.source = "cache"
-                if self.config.accel_redirect:
+                if found.fd < 0:
+                    assert self.config.accel_redirect
+                    outcome.source = "cache-accel"
                     outcome.bytes = 0
                     return respond.accel_redirect(media_headers, self.config.accel_redirect + rel)
                 response = await respond.file(request, media_headers, found.fd, row.media_length)

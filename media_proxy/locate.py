@@ -54,14 +54,13 @@ Found = Hit | Miss | Direct
 
 
 class Locator:
-    def __init__(self, cache_root: Path, filler: Filler | None, *, open_hits: bool = True) -> None:
+    def __init__(self, cache_root: Path, filler: Filler | None) -> None:
         self.cache_root = str(cache_root)
         self.filler = filler
-        self.open_hits = open_hits  # False in X-Accel mode: nginx opens the file
 
-    def _hit(self, rel: str, length: int) -> Hit | None:
+    def _hit(self, rel: str, length: int, open_hit: bool = True) -> Hit | None:
         path = paths.in_store(self.cache_root, rel)
-        if not self.open_hits:
+        if not open_hit:  # X-Accel mode: nginx opens the file
             try:
                 return Hit(rel, -1) if os.stat(path).st_size == length else None
             except OSError:
@@ -75,8 +74,10 @@ class Locator:
             return None
         return Hit(rel, fd)
 
-    async def locate(self, rel: str, length: int, sha256: str | None) -> Found | None:
-        hit = self._hit(rel, length)
+    async def locate(
+        self, rel: str, length: int, sha256: str | None, *, open_hit: bool = True
+    ) -> Found | None:
+        hit = self._hit(rel, length, open_hit)
         if hit is not None:
             return hit
         if self.filler is None:
@@ -88,7 +89,7 @@ class Locator:
         except (FillUnavailable, OSError):
             return None
         if fill is None:  # completed by another process meanwhile
-            return self._hit(rel, length)
+            return self._hit(rel, length, open_hit)
         try:
             await fill.wait_started()
         except FillUnavailable:

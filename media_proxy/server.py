@@ -75,7 +75,7 @@ class Proxy:
             failure_ttl=config.auth_failure_ttl,
             maxsize=config.auth_cache_size,
         )
-        locator = Locator(config.cache_path, self.filler, open_hits=not config.accel_redirect)
+        locator = Locator(config.cache_path, self.filler)
         self.downloads = Downloads(config, authorizer, self.metadata, locator)
 
     async def close(self) -> None:
