@@ -1,0 +1,36 @@
+"""media-proxy in front of each test Synapse: `media-proxy serve` with 3 workers, its S3
+traffic going through the session's fault proxy (`s3_proxy`) so tests can count and hurt it.
+
+Caches and TTLs are short so that tests see quarantines and access times within a second.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from media_proxy.devstack import Synapse
+from media_proxy.devstack.proxy import MediaProxy
+from tests.faults import FaultProxy
+
+TEST_PROXY_CONFIG = {
+    "metadata_cache_ttl": 0.5,
+    "auth_cache_ttl": 0.5,
+    "auth_failure_ttl": 0.5,
+    "access_flush_interval": 0.5,
+}
+
+
+@pytest.fixture(scope="session")
+def proxy(synapse: Synapse, s3_proxy: FaultProxy, devstack_dir: Path) -> Iterator[MediaProxy]:
+    media_proxy = MediaProxy(
+        devstack_dir / f"media-proxy-{synapse.server_name}",
+        synapse_config=synapse.config_path,
+        synapse_url=synapse.url,
+        workers=3,
+        config={**TEST_PROXY_CONFIG, "s3": {"endpoint_url": s3_proxy.url}},
+    ).start()
+    yield media_proxy
+    media_proxy.stop()
