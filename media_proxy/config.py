@@ -111,15 +111,26 @@ _SIZE_FACTORS: Final = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024*
 
 
 def parse_size(value: object, *, source: str, key: str) -> int:
-    """Bytes from an int or "50M"-style string (powers of 1024, as Synapse reads sizes)."""
+    """Bytes from an int or "50M"-style string: K/M/G/T are powers of 1024 and the number is
+    read with int(), exactly as Synapse reads sizes in homeserver.yaml."""
     if isinstance(value, bool):
         raise ConfigError(source, key, f"expected a size like 50M, got {value!r}")
     if isinstance(value, int) and value >= 0:
         return value
-    match = _SIZE.match(value) if isinstance(value, str) else None
-    if match is None:
-        raise ConfigError(source, key, f"expected a size like 50M or 10G, got {value!r}")
-    return int(match[1]) * _SIZE_FACTORS[match[2].upper()]
+    if isinstance(value, str) and value:
+        number, factor = value, 1
+        if value[-1].upper() in _SIZE_FACTORS and value[-1].strip():
+            number, factor = value[:-1], _SIZE_FACTORS[value[-1].upper()]
+        try:
+            size = int(number) * factor
+        except ValueError:
+            size = -1
+        if size >= 0:
+            return size
+        match = _SIZE.match(value)  # also "10 GiB", "50mb" in media-proxy's own keys
+        if match is not None:
+            return int(match[1]) * _SIZE_FACTORS[match[2].upper()]
+    raise ConfigError(source, key, f"expected a size like 50M or 10G, got {value!r}")
 
 
 _DURATION: Final = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|min|h|d|w)?\s*$", re.IGNORECASE)
@@ -145,6 +156,9 @@ def parse_listen(value: str, *, source: str, key: str = "listen") -> tuple[str, 
     return host.strip("[]") or "0.0.0.0", int(port)
 
 
+_NOT_A_MAPPING: Final = "expected a mapping at the top level"
+
+
 def _load_yaml(path: Path, *, key: str) -> dict[str, Any]:
     try:
         with path.open() as f:
@@ -156,19 +170,26 @@ def _load_yaml(path: Path, *, key: str) -> dict[str, Any]:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(str(path), key, "expected a mapping at the top level")
+        raise ConfigError(str(path), key, _NOT_A_MAPPING)
     return data
 
 
 def read_synapse_config(paths: Sequence[Path]) -> dict[str, Any]:
-    """Merge Synapse config files and directories the way Synapse does (top-level update)."""
+    """Merge Synapse config files and directories the way Synapse does (top-level update).
+
+    In a directory, like Synapse, only `*.yaml` files holding a mapping count.
+    """
     merged: dict[str, Any] = {}
     for path in paths:
-        files = (
-            sorted(p for p in path.iterdir() if p.suffix == ".yaml") if path.is_dir() else [path]
-        )
-        for file in files:
-            merged.update(_load_yaml(file, key="synapse_config"))
+        if path.is_dir():
+            for file in sorted(p for p in path.iterdir() if p.suffix == ".yaml" and p.is_file()):
+                try:
+                    merged.update(_load_yaml(file, key="synapse_config"))
+                except ConfigError as e:
+                    if e.problem != _NOT_A_MAPPING:
+                        raise
+        else:
+            merged.update(_load_yaml(path, key="synapse_config"))
     return merged
 
 
@@ -207,7 +228,9 @@ def _synapse_database(hs: Mapping[str, Any], source: str, workdir: Path) -> Data
         dbs = hs["databases"]
         if not isinstance(dbs, dict):
             raise r.error("databases", "expected a mapping of database names")
-        mains = [d for d in dbs.values() if "main" in (d or {}).get("data_stores", ["main"])]
+        if not all(isinstance(d, dict) for d in dbs.values()):
+            raise r.error("databases", "expected a mapping per database")
+        mains = [d for d in dbs.values() if "main" in d.get("data_stores", ["main"])]
         if not mains:
             raise r.error("databases", "no database holds the 'main' data store")
         db = mains[0]
@@ -216,9 +239,12 @@ def _synapse_database(hs: Mapping[str, Any], source: str, workdir: Path) -> Data
     if not isinstance(db, dict):
         raise r.error("database", "expected a mapping with 'name' and 'args'")
     name = db.get("name", "sqlite3")
+    if not isinstance(db.get("args") or {}, dict):
+        raise r.error("database.args", "expected a mapping")
     args = dict(db.get("args") or {})
     if name == "sqlite3":
-        path = args.get("database")
+        # Synapse lets a top-level database_path replace the sqlite3 file of `database:`.
+        path = hs.get("database_path") or args.get("database")
         if not isinstance(path, str) or path == ":memory:":
             raise r.error("database.args.database", f"expected a database file, got {path!r}")
         return DatabaseConfig("sqlite3", {"database": str(workdir / path)})
@@ -235,7 +261,12 @@ def _synapse_s3(hs: Mapping[str, Any], source: str) -> dict[str, Any] | None:
         raise ConfigError(source, "media_storage_providers", "expected a list")
     for entry in providers:
         if isinstance(entry, dict) and entry.get("module") == S3_PROVIDER_MODULE:
+            if not isinstance(entry.get("config") or {}, dict):
+                raise ConfigError(source, "media_storage_providers.config", "expected a mapping")
             s3 = dict(entry.get("config") or {})
+            for key in ("access_key_id", "region_name"):  # the provider str()s these
+                if isinstance(s3.get(key), int | float) and not isinstance(s3.get(key), bool):
+                    s3[key] = str(s3[key])
             for flag in ("store_local", "store_remote", "store_synchronous"):
                 s3[flag] = bool(entry.get(flag, False))
             return s3

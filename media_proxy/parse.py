@@ -50,6 +50,7 @@ _DOWNLOAD: Final = re.compile(
     r"^/_matrix/(?:(?P<client>client/v1/media)|media/(?:r0|v3|v1))/download/"
     r"(?P<server_name>[^/]*)/(?P<media_id>[^/]*)(?:/(?P<file_name>[^/]*))?$"
 )
+_QUERY_SEPARATOR: Final = re.compile("[&;]")
 _HOST: Final = re.compile(r"\A[0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*\Z")
 
 
@@ -58,8 +59,16 @@ def _unquote(group: str | None) -> str:
 
 
 def parse_query(raw_query: str) -> Query:
-    """Query arguments as Twisted gives them to Synapse: blanks kept, order kept."""
-    return urllib.parse.parse_qs(raw_query, keep_blank_values=True)
+    """Query arguments as Twisted gives them to Synapse: split on `&` and `;`, items without
+    `=` dropped, blank values kept, order kept (the first value is the one Synapse reads)."""
+    query: Query = {}
+    for item in _QUERY_SEPARATOR.split(raw_query):
+        name, eq, value = item.partition("=")
+        if eq:
+            query.setdefault(urllib.parse.unquote_plus(name), []).append(
+                urllib.parse.unquote_plus(value)
+            )
+    return query
 
 
 def valid_server_name(server_name: str) -> bool:
@@ -72,7 +81,7 @@ def valid_server_name(server_name: str) -> bool:
         except ValueError:
             return False
     if host.startswith("["):
-        if not host.endswith("]"):
+        if not host.endswith("]") or "%" in host:  # no zone ids, as in Synapse
             return False
         try:
             ipaddress.IPv6Address(host[1:-1])
@@ -83,9 +92,10 @@ def valid_server_name(server_name: str) -> bool:
 
 
 def _valid_non_negative_int(value: str) -> bool:
+    """Synapse runs int() on the raw bytes: non-ASCII digits and spaces are refused."""
     try:
-        return int(value) >= 0
-    except ValueError:
+        return int(value.encode()) >= 0
+    except (ValueError, UnicodeEncodeError):
         return False
 
 
