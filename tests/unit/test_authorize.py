@@ -130,10 +130,6 @@ def test_cache_key_separates_tokens_and_identities() -> None:
 
 # --- differential: Synapse's get_access_token_from_request ------------------------------
 
-QUERY_REASON = (
-    "parse_query uses urllib.parse.parse_qs; Twisted (request.args) also splits on ';' and "
-    "drops items without '=', so Synapse sees a different access_token"
-)
 
 TOKEN_CASES: list[Any] = [
     ([], ""),

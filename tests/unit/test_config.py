@@ -233,12 +233,6 @@ def test_bad_database(tmp_path: Path, text: str, key: str) -> None:
     assert (error.source, error.key) == (str(hs), key)
 
 
-MALFORMED_REASON = (
-    "a wrongly shaped value crashes load() with AttributeError/ValueError instead of a "
-    "ConfigError naming the file and key, so the CLI prints a traceback, not one line"
-)
-
-
 @pytest.mark.parametrize(
     "text",
     [
@@ -647,12 +641,6 @@ def test_config_directory_alone(tmp_path: Path) -> None:
     assert config.media_store_path == confd / "store"  # relative to the directory
 
 
-CONFD_REASON = (
-    "Synapse's find_config_files/read_config_files skip sub-directories and files that are "
-    "not a mapping (printing IGNORING); config.py refuses to start"
-)
-
-
 @pytest.mark.parametrize("kind", ["subdirectory", "list"])
 def test_config_directory_skips_what_synapse_skips(tmp_path: Path, kind: str) -> None:
     confd = tmp_path / "conf.d"
@@ -747,10 +735,6 @@ def run_synapse(script: str, payload: object) -> Any:
     return json.loads(proc.stdout.splitlines()[-1])
 
 
-SIZE_REASON = (
-    "Synapse's Config.parse_size runs int() on the number, so it also accepts '_' digit "
-    "separators and a leading '+'; config.py refuses them"
-)
 SIZES: list[Any] = [
     "0",
     "1",
