@@ -29,7 +29,7 @@ ENV_SECRETS: Final = {
     "MEDIA_PROXY_DATABASE_PASSWORD": ("database", "password"),
 }
 SECRET_KEYS: Final = frozenset(
-    {"access_key_id", "secret_access_key", "session_token", "sse_customer_key", "password"}
+    {"access_key_id", "secret_access_key", "session_token", "sse_customer_key", "password", "dsn"}
 )
 
 
@@ -278,14 +278,6 @@ def _build_s3(values: Mapping[str, Any], source: str) -> S3Config:
     bucket = r.text("bucket")
     if not bucket:
         raise r.error("bucket", "required")
-    known = {f.name for f in fields(S3Config)}
-    unknown = (
-        set(values)
-        - known
-        - {"threadpool_size", "request_checksum_calculation", "response_checksum_validation"}
-    )
-    if unknown:
-        raise r.error(sorted(unknown)[0], "unknown key")
     storage_class = r.text("storage_class", "STANDARD") or "STANDARD"
     if storage_class not in STORAGE_CLASSES:
         raise r.error("storage_class", f"expected one of {', '.join(STORAGE_CLASSES)}")
@@ -413,10 +405,14 @@ def load(
     if own_s3 is not None and not isinstance(own_s3, dict):
         raise ConfigError(own_src, "s3", "expected a mapping")
     if own_s3:
+        # The provider ignores keys it does not know; a typo in our own file is an error.
+        unknown = set(own_s3) - {f.name for f in fields(S3Config)}
+        if unknown:
+            raise ConfigError(own_src, f"s3.{sorted(unknown)[0]}", "unknown key")
         s3_values = {**(s3_values or {}), **own_s3}
     for env, (_, key) in ENV_SECRETS.items():
-        if env in environ and key != "password":
-            s3_values = {**(s3_values or {}), key: environ[env]}
+        if environ.get(env) and key != "password" and s3_values:
+            s3_values = {**s3_values, key: environ[env]}
     s3 = _build_s3(s3_values, own_src if own_s3 else hs_src) if s3_values else None
 
     cache_value = own.get("cache_path")

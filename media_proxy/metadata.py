@@ -291,7 +291,9 @@ def _asyncpg_args(args: dict[str, Any]) -> dict[str, Any]:
     """psycopg2/libpq arguments (as in homeserver.yaml) to asyncpg's names."""
     out: dict[str, Any] = {}
     for key, value in args.items():
-        if key in ("database", "dbname"):
+        if key == "dsn":
+            out["dsn"] = value
+        elif key in ("database", "dbname"):
             out["database"] = value
         elif key in ("user", "password", "host"):
             out[key] = value

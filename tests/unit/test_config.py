@@ -861,3 +861,53 @@ def test_cli_cache_evict_flag_errors(
     hs = hs_file(tmp_path)  # no synapse_url needed offline
     assert cli.main(["cache", "evict", "--synapse-config", str(hs), *flags]) == 2
     assert one_line(capsys).startswith(expected)
+
+
+# --- S3 keys and secrets: lenient where the provider is, strict in our own file -----------
+
+
+def test_provider_keys_unknown_to_us_are_ignored_like_the_provider(tmp_path: Path) -> None:
+    config = load_hs(
+        tmp_path,
+        f"media_storage_providers: [{{module: {S3_MODULE}, "
+        "config: {bucket: b, some_future_option: 1}}]\n",
+    )
+    assert config.s3 is not None and config.s3.bucket == "b"
+
+
+def test_unknown_key_in_own_s3_section_is_refused(tmp_path: Path) -> None:
+    own = write(tmp_path / "proxy.yaml", "s3: {bukcet: x}\n")
+    error = config_error(
+        config_file=own,
+        synapse_config=[
+            hs_file(
+                tmp_path,
+                f"media_storage_providers: [{{module: {S3_MODULE}, config: {{bucket: b}}}}]\n",
+            )
+        ],
+        overrides=URL,
+        environ={},
+    )
+    assert (error.source, error.key, error.problem) == (str(own), "s3.bukcet", "unknown key")
+
+
+def test_empty_secret_variables_are_ignored(tmp_path: Path) -> None:
+    config = load_hs(
+        tmp_path,
+        f"media_storage_providers: [{{module: {S3_MODULE}, "
+        "config: {bucket: b, session_token: t}}]\n",
+        environ={"MEDIA_PROXY_S3_SESSION_TOKEN": ""},
+    )
+    assert config.s3.session_token == "t"
+
+
+def test_s3_secret_variables_without_s3_do_not_invent_a_bucket(tmp_path: Path) -> None:
+    config = load_hs(tmp_path, environ={"MEDIA_PROXY_S3_SECRET_ACCESS_KEY": "x"})
+    assert config.s3 is None
+
+
+def test_masked_hides_a_dsn(tmp_path: Path) -> None:
+    config = load_hs(
+        tmp_path, "database: {name: psycopg2, args: {dsn: 'postgresql://u:secret@h/db'}}\n"
+    )
+    assert "secret" not in json.dumps(masked(config))
