@@ -1,0 +1,194 @@
+"""What an administrator operates: `media-proxy check`, the request log, a read-only database,
+S3 unreachable — against the real Synapse, SeaweedFS and PostgreSQL of the session."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from media_proxy.devstack import Postgres, Synapse
+from media_proxy.devstack.postgres import PostgresDatabase
+from media_proxy.devstack.proxy import MediaProxy
+from tests.faults import FaultProxy
+from tests.integration.conftest import TEST_PROXY_CONFIG
+from tests.integration.media import bearer, evict, request, store_file, upload
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "media_proxy", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_check_passes_on_a_working_stack(synapse: Synapse) -> None:
+    result = run_cli(
+        "check", "--synapse-config", str(synapse.config_path), "--synapse-url", synapse.url
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith(("ok", "FAIL"))]
+    assert [line.split()[1].rstrip(":") for line in lines] == [
+        "homeserver.yaml",
+        "database",
+        "s3",
+        "cache",
+        "synapse",
+    ]
+    assert all(line.startswith("ok") for line in lines)
+    assert "last_access_ts writable" in result.stdout
+    assert synapse.s3 is not None and synapse.s3.secret_key not in result.stdout  # masked
+
+
+def test_check_names_what_fails(synapse: Synapse, tmp_path: Path) -> None:
+    own = tmp_path / "proxy.yaml"
+    own.write_text(yaml.safe_dump({"s3": {"secret_access_key": "wrong-secret"}}))
+    result = run_cli(
+        "check",
+        "--config",
+        str(own),
+        "--synapse-config",
+        str(synapse.config_path),
+        "--synapse-url",
+        "http://127.0.0.1:9",
+    )
+    assert result.returncode == 1
+    failed = {
+        line.split()[1].rstrip(":")
+        for line in result.stdout.splitlines()
+        if line.startswith("FAIL")
+    }
+    assert failed == {"s3", "synapse"}
+    assert "wrong-secret" not in result.stdout
+
+
+def test_bad_config_is_one_line_and_status_2(synapse: Synapse, tmp_path: Path) -> None:
+    own = tmp_path / "proxy.yaml"
+    own.write_text("workers: many\n")
+    result = run_cli(
+        "serve",
+        "--config",
+        str(own),
+        "--synapse-config",
+        str(synapse.config_path),
+        "--synapse-url",
+        synapse.url,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"media-proxy: configuration error: {own}: workers: expected a number >= 1, got 'many'"
+    ]
+
+
+def test_one_log_event_per_request_and_no_secrets(
+    synapse: Synapse, proxy: MediaProxy, user_token: str
+) -> None:
+    media = upload(
+        synapse.url, user_token, os.urandom(3000), name="log.bin", server_name=synapse.server_name
+    )
+    evict(synapse, media)
+    request(proxy.url, media.client_path(f"?access_token={user_token}"))
+    request(proxy.url, media.client_path(), headers=bearer(user_token))
+    time.sleep(0.2)
+    text = proxy.log_path.read_text()
+    assert user_token not in text
+    assert synapse.s3 is not None and synapse.s3.secret_key not in text
+    events = [json.loads(line) for line in text.splitlines() if media.media_id in line]
+    requests = [e for e in events if e.get("event") == "request"]
+    assert [e["source"] for e in requests] == ["s3", "cache"]
+    for event in requests:
+        assert event["status"] == 200 and event["bytes"] == 3000 and event["route"] == "client"
+        assert {"request_id", "media_id", "ms", "method", "path", "timestamp"} <= set(event)
+
+
+def test_read_only_database_is_reported_once_and_serving_goes_on(
+    synapse_postgres: Synapse, postgres: Postgres, tmp_path: Path
+) -> None:
+    db = synapse_postgres.database
+    assert isinstance(db, PostgresDatabase)
+    postgres.psql("DROP ROLE IF EXISTS reader; CREATE ROLE reader LOGIN;", database=db.database)
+    postgres.psql("GRANT SELECT ON ALL TABLES IN SCHEMA public TO reader;", database=db.database)
+    token = synapse_postgres.register_user("readonly-check", "pw")
+    media = upload(
+        synapse_postgres.url,
+        token,
+        os.urandom(5000),
+        name="ro.bin",
+        server_name=synapse_postgres.server_name,
+    )
+    reader = MediaProxy(
+        tmp_path,
+        synapse_config=synapse_postgres.config_path,
+        synapse_url=synapse_postgres.url,
+        workers=1,
+        config={
+            **TEST_PROXY_CONFIG,
+            "database": {
+                "name": "psycopg2",
+                "args": {
+                    "user": "reader",
+                    "host": db.host,
+                    "port": db.port,
+                    "database": db.database,
+                },
+            },
+        },
+    ).start()
+    try:
+        evict(synapse_postgres, media)
+        answer = request(reader.url, media.client_path(), headers=bearer(token))
+        assert answer.status == 200 and answer.body == media.data
+        assert store_file(synapse_postgres, media).read_bytes() == media.data
+        time.sleep(1.0)  # a flush interval passes without errors
+        events = [
+            json.loads(line)
+            for line in reader.log_path.read_text().splitlines()
+            if line.startswith("{")
+        ]
+        assert [e["event"] for e in events].count("database.read_only") == 1
+        assert not [e for e in events if e["event"] == "access_times.flush_failed"]
+    finally:
+        reader.stop()
+
+
+def test_s3_down_falls_back_to_synapse(
+    synapse: Synapse, proxy: MediaProxy, user_token: str, s3_faults: FaultProxy
+) -> None:
+    media = upload(
+        synapse.url,
+        user_token,
+        os.urandom(20_000),
+        name="down.bin",
+        server_name=synapse.server_name,
+    )
+    evict(synapse, media)
+    s3_faults.set_down(True)
+    try:
+        answer = request(proxy.url, media.client_path(), headers=bearer(user_token), timeout=60)
+    finally:
+        s3_faults.set_down(False)
+    # Synapse reads SeaweedFS directly, so the client still gets its file.
+    assert answer.status == 200 and answer.body == media.data
+    assert not store_file(synapse, media).exists()
+
+
+@pytest.mark.parametrize("workers", [2])
+def test_sigterm_stops_every_worker(synapse: Synapse, tmp_path: Path, workers: int) -> None:
+    server = MediaProxy(
+        tmp_path, synapse_config=synapse.config_path, synapse_url=synapse.url, workers=workers
+    ).start()
+    assert server.process is not None
+    pid = server.process.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    assert len(children) == workers
+    assert server.process.stop(timeout=10) == 0
+    assert not any(Path(f"/proc/{c}").exists() for c in children)
