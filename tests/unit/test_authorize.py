@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
@@ -27,8 +25,7 @@ from media_proxy.authorize import (
     credentials,
 )
 from media_proxy.parse import parse_query
-
-SYNAPSE_PYTHON = Path(__file__).resolve().parents[2] / ".venv-synapse" / "bin" / "python"
+from tests.unit.synapse_oracle import run_synapse
 
 
 def missing(message: str) -> Denied:
@@ -186,23 +183,6 @@ for authorization, query in json.load(sys.stdin):
         out.append({"status": e.code, "body": body})
 print(json.dumps(out))
 """
-
-
-def run_synapse(script: str, payload: object) -> Any:
-    """Run `script` with Synapse's interpreter: JSON `payload` in, JSON (last line) out."""
-    if not SYNAPSE_PYTHON.exists():
-        pytest.skip(f"no Synapse virtualenv at {SYNAPSE_PYTHON}: cannot compare with Synapse")
-    proc = subprocess.run(
-        [str(SYNAPSE_PYTHON), "-c", script],
-        input=json.dumps(payload),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd="/",
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.splitlines()[-1])
 
 
 def _case(param: Any) -> tuple[list[str], str]:

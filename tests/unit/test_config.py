@@ -4,7 +4,6 @@ and command-line overrides; and the CLI's one-line configuration errors."""
 from __future__ import annotations
 
 import json
-import subprocess
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,8 @@ from media_proxy.config import (
     parse_listen,
     parse_size,
 )
+from tests.unit.synapse_oracle import run_synapse
 
-SYNAPSE_PYTHON = Path(__file__).resolve().parents[2] / ".venv-synapse" / "bin" / "python"
 URL = {"synapse_url": "http://127.0.0.1:8008"}
 S3_MODULE = "s3_storage_provider.S3StorageProviderBackend"
 
@@ -716,23 +715,6 @@ def test_parse_size_refuses(value: object) -> None:
     with pytest.raises(ConfigError) as info:
         parse_size(value, source="f.yaml", key="max_upload_size")
     assert (info.value.source, info.value.key) == ("f.yaml", "max_upload_size")
-
-
-def run_synapse(script: str, payload: object) -> Any:
-    """Run `script` with Synapse's interpreter: JSON `payload` in, JSON (last line) out."""
-    if not SYNAPSE_PYTHON.exists():
-        pytest.skip(f"no Synapse virtualenv at {SYNAPSE_PYTHON}: cannot compare with Synapse")
-    proc = subprocess.run(
-        [str(SYNAPSE_PYTHON), "-c", script],
-        input=json.dumps(payload),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd="/",
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.splitlines()[-1])
 
 
 SIZES: list[Any] = [

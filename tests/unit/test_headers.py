@@ -7,9 +7,6 @@ subprocess) and require our output to match byte for byte.
 
 from __future__ import annotations
 
-import json
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -26,8 +23,7 @@ from media_proxy.headers import (
     not_modified_headers,
     servlet_headers,
 )
-
-SYNAPSE_PYTHON = Path(__file__).resolve().parents[2] / ".venv-synapse" / "bin" / "python"
+from tests.unit.synapse_oracle import run_synapse
 
 CSP = (
     "sandbox; default-src 'none'; script-src 'none'; plugin-types application/pdf;"
@@ -351,23 +347,6 @@ def test_error_headers_match_names_case_insensitively() -> None:
 
 
 # --- differential: Synapse's own code ----------------------------------------------------
-
-
-def run_synapse(script: str, payload: object) -> Any:
-    """Run `script` with Synapse's interpreter: JSON `payload` in, JSON (last line) out."""
-    if not SYNAPSE_PYTHON.exists():
-        pytest.skip(f"no Synapse virtualenv at {SYNAPSE_PYTHON}: cannot compare with Synapse")
-    proc = subprocess.run(
-        [str(SYNAPSE_PYTHON), "-c", script],
-        input=json.dumps(payload),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd="/",
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.splitlines()[-1])
 
 
 _FAKE_REQUEST = """

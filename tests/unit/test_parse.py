@@ -7,16 +7,13 @@ subprocess) over the same tables.
 
 from __future__ import annotations
 
-import json
-import subprocess
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from media_proxy.parse import Api, Kind, MediaRequest, parse, parse_query, valid_server_name
+from tests.unit.synapse_oracle import run_synapse
 
-SYNAPSE_PYTHON = Path(__file__).resolve().parents[2] / ".venv-synapse" / "bin" / "python"
 ID = "abcdefghijklmnopqrstuvwx"
 
 LEGACY = [f"/_matrix/media/{v}/download" for v in ("r0", "v3", "v1")]
@@ -246,23 +243,6 @@ ZONE_IDS = [
 @pytest.mark.parametrize(("name", "valid"), [*SERVER_NAMES, *ZONE_IDS])
 def test_valid_server_name(name: str, valid: bool) -> None:
     assert valid_server_name(name) is valid
-
-
-def run_synapse(script: str, payload: object) -> Any:
-    """Run `script` with Synapse's interpreter: JSON `payload` in, JSON (last line) out."""
-    if not SYNAPSE_PYTHON.exists():
-        pytest.skip(f"no Synapse virtualenv at {SYNAPSE_PYTHON}: cannot compare with Synapse")
-    proc = subprocess.run(
-        [str(SYNAPSE_PYTHON), "-c", script],
-        input=json.dumps(payload),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd="/",
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.splitlines()[-1])
 
 
 _SERVER_NAME_SCRIPT = """

@@ -6,8 +6,6 @@ subprocess) over the same table and require the same relative paths and the same
 
 from __future__ import annotations
 
-import json
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,9 +14,9 @@ import pytest
 
 from media_proxy import paths
 from media_proxy.paths import PathError
+from tests.unit.synapse_oracle import run_synapse
 
 ID = "abcdefghijklmnopqrstuvwx"  # 24 letters, the shape of every Synapse-made id
-SYNAPSE_PYTHON = Path(__file__).resolve().parents[2] / ".venv-synapse" / "bin" / "python"
 
 
 # --- every path kind ---------------------------------------------------------------------
@@ -351,23 +349,6 @@ for method, args in json.load(sys.stdin):
     out.append({"path": path})
 print(json.dumps(out))
 """
-
-
-def run_synapse(script: str, payload: object) -> Any:
-    """Run `script` with Synapse's interpreter: JSON `payload` in, JSON (last line) out."""
-    if not SYNAPSE_PYTHON.exists():
-        pytest.skip(f"no Synapse virtualenv at {SYNAPSE_PYTHON}: cannot compare with Synapse")
-    proc = subprocess.run(
-        [str(SYNAPSE_PYTHON), "-c", script],
-        input=json.dumps(payload),
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd="/",
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
