@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -192,3 +193,66 @@ def test_sigterm_stops_every_worker(synapse: Synapse, tmp_path: Path, workers: i
     assert len(children) == workers
     assert server.process.stop(timeout=10) == 0
     assert not any(Path(f"/proc/{c}").exists() for c in children)
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs: a cache disk that a 3 MiB file cannot fit on."""
+    mount = tmp_path / "tiny"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_full_disk_serves_from_s3_uncached(
+    synapse: Synapse, user_token: str, tiny_disk: Path, tmp_path: Path
+) -> None:
+    media = upload(
+        synapse.url,
+        user_token,
+        os.urandom(3 * 1024 * 1024),
+        name="huge.bin",
+        server_name=synapse.server_name,
+    )
+    small = upload(
+        synapse.url,
+        user_token,
+        os.urandom(100_000),
+        name="fits.bin",
+        server_name=synapse.server_name,
+    )
+    server = MediaProxy(
+        tmp_path / "proxy",
+        synapse_config=synapse.config_path,
+        synapse_url=synapse.url,
+        config={**TEST_PROXY_CONFIG, "cache_path": str(tiny_disk)},
+    ).start()
+    try:
+        for _ in range(2):
+            answer = request(server.url, media.client_path(), headers=bearer(user_token))
+            assert answer.status == 200 and answer.complete and answer.body == media.data
+        assert not (tiny_disk / media.rel).exists()
+        assert not any((tiny_disk / ".media-proxy" / "fill").iterdir())  # nothing partial
+        # a file that fits is still cached on the same disk
+        assert (
+            request(server.url, small.client_path(), headers=bearer(user_token)).body == small.data
+        )
+        assert (tiny_disk / small.rel).read_bytes() == small.data
+        time.sleep(0.2)
+        events = [
+            json.loads(line)
+            for line in server.log_path.read_text().splitlines()
+            if line.startswith("{")
+        ]
+        assert [e["event"] for e in events].count("cache_fill.no_space") == 1  # once a minute
+        sources = [e["source"] for e in events if e.get("media_id") == media.media_id]
+        assert sources == ["s3-uncached", "s3-uncached"]
+    finally:
+        server.stop()
