@@ -18,6 +18,7 @@ import pytest
 
 from media_proxy import paths
 from media_proxy.devstack.proxy import MediaProxy
+from media_proxy.devstack.seaweed import SeaweedFS
 from media_proxy.devstack.synapse import Synapse
 from tests.faults import FaultProxy
 from tests.integration.media import (
@@ -462,3 +463,27 @@ def test_stale_fill_files_are_removed_at_start(synapse: Synapse, proxy: MediaPro
     stale.write_bytes(b"partial")
     proxy.restart()
     assert not stale.exists()
+
+
+def test_s3_object_with_other_bytes_is_never_served_whole(
+    synapse: Synapse, proxy: MediaProxy, user_token: str, seaweed: SeaweedFS
+) -> None:
+    """Same size, other content: the sha256 check fails, the held-back last byte is never
+    sent, so the client sees a broken response, not a clean wrong 200; nothing is cached."""
+    media = upload(
+        synapse.url,
+        user_token,
+        os.urandom(2 * 1024 * 1024),
+        name="tampered.bin",
+        server_name=synapse.server_name,
+    )
+    assert synapse.s3 is not None
+    seaweed.client().put_object(
+        Bucket=synapse.s3.bucket, Key=media.rel, Body=os.urandom(len(media.data))
+    )
+    evict(synapse, media)
+    answer = request(proxy.url, media.client_path(), headers=bearer(user_token))
+    assert answer.status == 200
+    assert not answer.complete
+    assert len(answer.body) < len(media.data)
+    assert not store_file(synapse, media).exists()
