@@ -57,10 +57,29 @@ class _FdFile:
         return n
 
 
+def _sendfile_now(transport: asyncio.Transport, fd: int, offset: int, count: int) -> int:
+    """One direct sendfile on the socket when nothing is queued before it; returns bytes sent.
+
+    loop.sendfile always costs an extra loop iteration and two epoll changes, even when the
+    socket takes the whole file at once, as it does for most media on a local network.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None or transport.get_write_buffer_size():
+        return 0
+    try:
+        return os.sendfile(sock.fileno(), fd, offset, count)
+    except (BlockingIOError, InterruptedError):
+        return 0
+    except OSError as e:
+        raise ClientGone from e
+
+
 async def _sendfile(request: web.Request, fd: int, offset: int, count: int) -> None:
     transport = request.transport
     if transport is None or transport.is_closing():
         raise ClientGone
+    sent = _sendfile_now(transport, fd, offset, count)
+    offset, count = offset + sent, count - sent
     file = _FdFile(fd)
     loop = asyncio.get_running_loop()
     while count > 0:
