@@ -14,7 +14,6 @@ import os
 import signal
 import sys
 import time
-import uuid
 from typing import Final
 
 import structlog
@@ -127,7 +126,7 @@ class Proxy:
         finally:
             log.info(
                 "request",
-                request_id=request.headers.get("X-Request-ID") or uuid.uuid4().hex[:16],
+                request_id=request.headers.get("X-Request-ID") or os.urandom(8).hex(),
                 method=request.method,
                 path=request.path,  # never the query: it may carry an access token
                 route=media.api.value if media else "other",
