@@ -1,0 +1,377 @@
+"""nginx/media-proxy.conf in front of the real media-proxy and the real Synapse.
+
+Starts Debian's nginx (foreground, its own prefix and pid file, a loopback port) with the shipped
+site rendered by nginx/render_test_config.py, in front of the session's `media-proxy serve`
+(3 workers, fixture `proxy`) and Synapse (SQLite and PostgreSQL), with SeaweedFS as S3.
+
+Checks that through nginx:
+- downloads are answered like Synapse's own (status, headers but Server/Date/Connection, bytes),
+  with the file in the store and evicted;
+- routes outside the media prefixes go straight to Synapse (the proxy never sees them);
+- a 50 MiB upload passes through nginx and the proxy to Synapse without being held in memory
+  (the peak RSS of the proxy's processes, VmHWM after resetting it, grows by a few MiB);
+- X-Accel mode (a second proxy with --accel-redirect, nginx with the snippet and the media
+  store as its alias) answers hits, misses, the conditionals nginx would answer itself, and
+  HEAD with the same bytes and headers as the plain mode.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from media_proxy import paths
+from media_proxy.devstack.demo import Nginx
+from media_proxy.devstack.proxy import MediaProxy
+from media_proxy.devstack.synapse import Synapse
+from tests.faults import FaultProxy
+from tests.integration.conftest import TEST_PROXY_CONFIG
+from tests.integration.media import Answer, Media, bearer, evict, request, store_file, upload
+
+pytestmark = pytest.mark.integration
+
+ACCEL_LOCATION = "/_media_proxy_cache/"
+# Besides Server and Date (media.IGNORED), nginx adds "Connection: keep-alive"; Synapse sends
+# no Connection header and aiohttp sends none on a keep-alive answer.
+NGINX_OWN = frozenset({"connection"})
+MiB = 1024 * 1024
+
+
+def comparable(answer: Answer) -> tuple[int, list[tuple[str, str]], str, bool]:
+    headers = [(k, v) for k, v in answer.headers if k not in NGINX_OWN]
+    return replace(answer, headers=headers).comparable()
+
+
+def address(url: str) -> str:
+    return url.removeprefix("http://")
+
+
+class ProxyLog:
+    """The `request` events the proxy logs from now on (all workers write one file)."""
+
+    def __init__(self, proxy: MediaProxy) -> None:
+        self.path = proxy.log_path
+        self.offset = self.path.stat().st_size
+
+    def events(self) -> list[dict[str, Any]]:
+        with self.path.open("rb") as f:
+            f.seek(self.offset)
+            lines = f.read().decode(errors="replace").splitlines()
+        out = []
+        for line in lines:
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if event.get("event") == "request":
+                out.append(event)
+        return out
+
+    def settled(self, count: int | None = None, timeout: float = 5.0) -> list[dict[str, Any]]:
+        """The events once `count` of them are there (or, without a count, once no new one
+        came for 0.2 s): a worker logs a request just after its answer went out."""
+        deadline = time.monotonic() + timeout
+        events = self.events()
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            newer = self.events()
+            if (count is not None and len(newer) >= count) or (count is None and newer == events):
+                return newer
+            events = newer
+        return events
+
+    def sources(self, media_id: str) -> list[str]:
+        return [str(e["source"]) for e in self.settled() if e.get("media_id") == media_id]
+
+
+def evict_settled(synapse: Synapse, m: Media) -> None:
+    """Evict once no fill is running: a fill started by an earlier request (a HEAD, say)
+    goes on after its answer and would put the file back behind the test's back."""
+    fill_dir = synapse.media_store_path / paths.FILL_DIR
+    deadline = time.monotonic() + 10
+    while fill_dir.exists() and any(fill_dir.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    evict(synapse, m)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures
+
+
+@pytest.fixture(scope="module")
+def nginx(
+    synapse: Synapse, proxy: MediaProxy, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Nginx]:
+    server = Nginx(
+        tmp_path_factory.mktemp(f"nginx-{synapse.server_name}"),
+        media_proxy=[address(proxy.url)],
+        synapse=address(synapse.url),
+        server_name=synapse.server_name,
+        client_max_body_size=str(synapse.config["max_upload_size"]),
+    ).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def accel_proxy(synapse: Synapse, s3_proxy: FaultProxy, devstack_dir: Path) -> Iterator[MediaProxy]:
+    media_proxy = MediaProxy(
+        devstack_dir / f"media-proxy-accel-{synapse.server_name}",
+        synapse_config=synapse.config_path,
+        synapse_url=synapse.url,
+        workers=2,
+        config={**TEST_PROXY_CONFIG, "s3": {"endpoint_url": s3_proxy.url}},
+        extra_args=["--accel-redirect", ACCEL_LOCATION],
+    ).start()
+    try:
+        yield media_proxy
+    finally:
+        media_proxy.stop()
+
+
+@pytest.fixture(scope="module")
+def accel_nginx(
+    synapse: Synapse, accel_proxy: MediaProxy, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Nginx]:
+    server = Nginx(
+        tmp_path_factory.mktemp(f"nginx-accel-{synapse.server_name}"),
+        media_proxy=[address(accel_proxy.url)],
+        synapse=address(synapse.url),
+        server_name=synapse.server_name,
+        accel_root=synapse.media_store_path,
+        client_max_body_size=str(synapse.config["max_upload_size"]),
+    ).start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def media(synapse: Synapse, user_token: str) -> dict[str, Media]:
+    sn = synapse.server_name
+
+    def up(data: bytes, content_type: str, name: str | None) -> Media:
+        return upload(
+            synapse.url, user_token, data, content_type=content_type, name=name, server_name=sn
+        )
+
+    return {
+        "png": up(b"\x89PNG\r\n\x1a\n" + os.urandom(30_000), "image/png", "cat.png"),
+        "html": up(b"<script>alert(1)</script>" * 50, "text/html", "page.html"),
+        "text": up(b"hello " * 500, "text/plain; charset=latin1", None),
+        "svg": up(b"<svg xmlns='http://www.w3.org/2000/svg'/>", "image/svg+xml", "\u00e9.svg"),
+        "video": up(os.urandom(6 * MiB + 123), "video/mp4", "clip.mp4"),
+    }
+
+
+def download_cases(m: Media, token: str) -> list[tuple[str, str, list[tuple[str, str]]]]:
+    auth = bearer(token)
+    out: list[tuple[str, str, list[tuple[str, str]]]] = []
+    for method in ("GET", "HEAD"):
+        out += [
+            (method, m.client_path(), auth),
+            (method, m.client_path("/other%20name.bin"), auth),
+            (method, m.client_path(f"?access_token={token}"), []),
+            (method, m.legacy_path("v3"), []),
+            (method, m.legacy_path("r0", "/x.bin"), []),
+        ]
+    out += [
+        ("GET", m.client_path(), [*auth, ("If-None-Match", "1")]),
+        ("GET", m.client_path(), []),
+        ("GET", m.client_path(), bearer("not-a-token")),
+        ("GET", m.client_path(), [*auth, ("Range", "bytes=0-9")]),
+        ("GET", m.client_path(), [*auth, ("If-Match", '"nope"')]),
+        ("GET", m.client_path(), [*auth, ("If-Unmodified-Since", "Mon, 01 Jan 2001 00:00:00 GMT")]),
+        ("GET", m.client_path(), [*auth, ("If-None-Match", "*")]),
+        ("GET", m.client_path(), [*auth, ("If-Modified-Since", "Fri, 01 Jan 2100 00:00:00 GMT")]),
+    ]
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Plain mode
+
+
+@pytest.mark.parametrize("evicted", [False, True], ids=["in-store", "evicted"])
+@pytest.mark.parametrize("kind", ["png", "html", "text", "svg", "video"])
+def test_downloads_through_nginx_match_synapse(
+    synapse: Synapse,
+    proxy: MediaProxy,
+    nginx: Nginx,
+    user_token: str,
+    media: dict[str, Media],
+    kind: str,
+    evicted: bool,
+) -> None:
+    m = media[kind]
+    log = ProxyLog(proxy)
+    for method, path, headers in download_cases(m, user_token):
+        if evicted:
+            evict_settled(synapse, m)
+        ours = request(nginx.url, path, method=method, headers=headers)
+        if evicted:
+            evict_settled(synapse, m)
+        theirs = request(synapse.url, path, method=method, headers=headers)
+        assert comparable(ours) == comparable(theirs), (method, path, headers, ours, theirs)
+    # The proxy answered them (nginx did not route around it), from the store or from S3.
+    sources = log.sources(m.media_id)
+    assert ("s3" if evicted else "cache") in sources, sources
+    evict_settled(synapse, m)
+    answer = request(nginx.url, m.client_path(), headers=bearer(user_token))
+    assert answer.body == m.data
+    assert store_file(synapse, m).read_bytes() == m.data  # written back
+
+
+def test_other_routes_go_straight_to_synapse(
+    synapse: Synapse, proxy: MediaProxy, nginx: Nginx, user_token: str
+) -> None:
+    log = ProxyLog(proxy)
+    for method, path in [
+        ("GET", "/_matrix/client/versions"),
+        ("GET", "/_matrix/client/v3/account/whoami"),
+        ("GET", "/_synapse/admin/v1/server_version"),
+        ("GET", "/_matrix/key/v2/server"),
+        ("GET", "/.well-known/matrix/client"),
+        ("POST", "/_matrix/client/v3/logout/nothing"),
+    ]:
+        ours = request(nginx.url, path, method=method, headers=bearer(user_token))
+        theirs = request(synapse.url, path, method=method, headers=bearer(user_token))
+        if path == "/_matrix/key/v2/server":  # signed with a fresh valid_until_ts each time
+            assert ours.status == theirs.status == 200
+            continue
+        assert comparable(ours) == comparable(theirs), (path, ours, theirs)
+    assert log.settled() == []  # none of them went through the proxy
+
+    # The rest of the media prefixes goes to the proxy, which passes it on to Synapse.
+    for path in ("/_matrix/client/v1/media/config", "/_matrix/media/v3/config"):
+        ours = request(nginx.url, path, headers=bearer(user_token))
+        theirs = request(synapse.url, path, headers=bearer(user_token))
+        assert comparable(ours) == comparable(theirs), (path, ours, theirs)
+    assert [e["source"] for e in log.settled(2)] == ["synapse", "synapse"]
+
+
+def proxy_pids(proxy: MediaProxy) -> list[int]:
+    assert proxy.process is not None
+    pid = proxy.process.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return [pid, *map(int, children)]
+
+
+def status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def test_50mib_upload_is_streamed_not_buffered(
+    synapse: Synapse, proxy: MediaProxy, nginx: Nginx, user_token: str
+) -> None:
+    data = os.urandom(50 * MiB)
+    pids = proxy_pids(proxy)
+    before: dict[int, int] = {}
+    for pid in pids:
+        # "5" resets VmHWM (peak RSS) to the current RSS, so VmHWM afterwards is the peak
+        # during the upload, however briefly a buffer lived (a before/after RSS would miss it).
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+        before[pid] = status_kib(pid, "VmRSS")
+    log = ProxyLog(proxy)
+
+    m = upload(nginx.url, user_token, data, name="big.bin", server_name=synapse.server_name)
+
+    growth = {pid: status_kib(pid, "VmHWM") - before[pid] for pid in pids}
+    print(f"proxy processes' peak RSS growth during a 50 MiB upload (KiB): {growth}")
+    uploads = [e for e in log.settled(1) if e["path"] == "/_matrix/media/v3/upload"]
+    assert [e["source"] for e in uploads] == ["synapse"]  # through the proxy, to Synapse
+    # Buffered, one process would grow by >= 50 MiB; streamed, by a few socket buffers.
+    assert max(growth.values()) < 12 * 1024, growth
+    assert sum(growth.values()) < 16 * 1024, growth
+    # nginx did not spool it to disk either (proxy_request_buffering off).
+    spool = nginx.prefix / "temp" / "client_body"
+    assert not spool.exists() or not any(spool.rglob("*"))
+    # Synapse stored exactly those bytes.
+    assert store_file(synapse, m).read_bytes() == data
+    answer = request(nginx.url, m.client_path(), headers=bearer(user_token))
+    assert answer.status == 200 and answer.sha256 == Answer(200, [], data).sha256
+
+
+# ---------------------------------------------------------------------------------------------
+# X-Accel mode
+
+
+def test_accel_nginx_workers_read_a_private_store(synapse: Synapse, accel_nginx: Nginx) -> None:
+    """pytest's temporary dirs are 0700: nginx's workers can send files from them only as
+    the store's owner (the renderer adds `user root;` when started as root)."""
+    private = [
+        p
+        for p in (synapse.media_store_path, *synapse.media_store_path.parents)
+        if stat.S_IMODE(p.stat().st_mode) & 0o005 == 0
+    ]
+    assert private, "the store is world-readable: this test checks nothing"
+    for pid in accel_nginx.worker_pids():
+        uids = next(
+            line.split()[1:]
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+            if line.startswith("Uid:")
+        )
+        assert {int(u) for u in uids} == {os.geteuid()}
+
+
+@pytest.mark.parametrize("evicted", [False, True], ids=["hit", "miss"])
+@pytest.mark.parametrize("kind", ["png", "html", "text", "svg", "video"])
+def test_accel_mode_answers_like_plain_mode(
+    synapse: Synapse,
+    nginx: Nginx,
+    accel_nginx: Nginx,
+    accel_proxy: MediaProxy,
+    user_token: str,
+    media: dict[str, Media],
+    kind: str,
+    evicted: bool,
+) -> None:
+    m = media[kind]
+    request(nginx.url, m.client_path(), headers=bearer(user_token))  # in the store again
+    log = ProxyLog(accel_proxy)
+    for method, path, headers in download_cases(m, user_token):
+        if evicted:
+            evict_settled(synapse, m)
+        accel = request(accel_nginx.url, path, method=method, headers=headers)
+        if evicted:
+            evict_settled(synapse, m)
+        plain = request(nginx.url, path, method=method, headers=headers)
+        assert comparable(accel) == comparable(plain), (method, path, headers, accel, plain)
+        assert accel.header("x-accel-redirect") is None
+        if evicted:
+            evict_settled(synapse, m)
+        theirs = request(synapse.url, path, method=method, headers=headers)
+        assert comparable(accel) == comparable(theirs), (method, path, headers, accel, theirs)
+
+    sources = log.sources(m.media_id)
+    if evicted:
+        # Misses are streamed by the proxy itself, never redirected.
+        assert "s3" in sources and "cache-accel" not in sources, sources
+    else:
+        # Hits are handed to nginx, except the conditionals nginx would answer itself
+        # (If-Match, If-Unmodified-Since, If-None-Match: *), which the proxy sends.
+        assert sources.count("cache") == 3, sources
+        assert "cache-accel" in sources and "s3" not in sources, sources
+
+
+def test_accel_client_cannot_reach_the_internal_location(
+    synapse: Synapse, accel_nginx: Nginx, media: dict[str, Media]
+) -> None:
+    m = media["png"]
+    answer = request(accel_nginx.url, ACCEL_LOCATION + m.rel)
+    assert answer.status == 404
+    assert m.data not in answer.body
