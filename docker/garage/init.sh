@@ -9,6 +9,15 @@
 # It runs in the garage container's network namespace (network_mode: service:garage) with
 # Garage's config and metadata volume, so `garage` talks to the node at 127.0.0.1:3901 as it
 # would on the node itself; GARAGE_RPC_SECRET comes from the environment.
+#
+# Checked against Garage v2's CLI source (src/garage/cli/remote/{layout,key}.rs and the
+# format_table crate), not against a running Garage (no Docker engine here):
+#   `layout show` prints "Current cluster layout version: N"; `layout assign NODE -z ZONE
+#   -c SIZE` takes a byte size (1G, 10G...); `layout apply --version N+1`; `key info
+#   --show-secret` prints "Key ID:", "Secret key:" rows padded with spaces (no indent).
+# Unverified: that `key create NAME` still takes the name as a positional argument in v2 (it
+# does in v1, and v2 examples use it so), and the exit status of `key info`/`bucket info`
+# for a missing key or bucket (assumed non-zero, as for any CLI error).
 set -eu
 
 bucket=${S3_BUCKET:-matrix}
