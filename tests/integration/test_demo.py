@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from media_proxy.devstack.demo import PASSWORD, USER, bouncing_square, samples
+from media_proxy.devstack.demo import PASSWORD, USER, Parts, bouncing_square, samples
 from tests.integration.media import request
 
 pytestmark = pytest.mark.integration
@@ -58,6 +58,21 @@ def wait_gone(path: Path, timeout: float = 15) -> list[int]:
     return left
 
 
+def stop(proc: subprocess.Popen[bytes], work: Path) -> None:
+    """Whatever happened in the test: Ctrl-C the demo, kill it if that does not end it, then
+    stop any part it left behind (by the PIDs it recorded in its work dir)."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout:
+        proc.stdout.close()
+    Parts(work).stop_leftovers()
+
+
 def table(output: str) -> dict[str, re.Match[str]]:
     return {m["name"]: m for line in output.splitlines() if (m := ROW.match(line))}
 
@@ -65,13 +80,16 @@ def table(output: str) -> dict[str, re.Match[str]]:
 def test_demo_once_walks_through_and_stops(tmp_path: Path) -> None:
     work = tmp_path / "demo"
     started = time.monotonic()
-    done = subprocess.run(
-        [*DEMO, "--once", "--workdir", str(work)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    try:
+        done = subprocess.run(
+            [*DEMO, "--once", "--workdir", str(work)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        Parts(work).stop_leftovers()  # only if it was killed by the timeout
     took = time.monotonic() - started
     print(done.stdout, done.stderr, f"demo --once took {took:.1f} s", sep="\n")
     assert done.returncode == 0, done.stdout + done.stderr
@@ -146,13 +164,9 @@ def test_demo_stays_up_until_ctrl_c_and_reruns_safely(tmp_path: Path) -> None:
 
         proc.send_signal(signal.SIGINT)  # Ctrl-C
         assert proc.wait(30) == 0
+        assert wait_gone(work) == []
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        if proc.stdout:
-            proc.stdout.close()
-    assert wait_gone(work) == []
+        stop(proc, work)
 
 
 def test_demo_rerun_stops_parts_left_by_a_killed_run(tmp_path: Path) -> None:
@@ -168,21 +182,20 @@ def test_demo_rerun_stops_parts_left_by_a_killed_run(tmp_path: Path) -> None:
         read_until(proc, "  logs ", timeout=240)
         proc.kill()  # no atexit, no clean-up: its parts (own sessions) keep running
         proc.wait()
+        left = processes_naming(work)
+        assert left, "the parts should have outlived a SIGKILLed demo"
+        done = subprocess.run(
+            [*DEMO, "--once", "--workdir", str(work)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "left over by an earlier run" in done.stdout
+        assert wait_gone(work) == []
     finally:
-        if proc.stdout:
-            proc.stdout.close()
-    left = processes_naming(work)
-    assert left, "the parts should have outlived a SIGKILLed demo"
-    done = subprocess.run(
-        [*DEMO, "--once", "--workdir", str(work)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "left over by an earlier run" in done.stdout
-    assert wait_gone(work) == []
+        stop(proc, work)
 
 
 def boxes(data: bytes, start: int = 0, end: int | None = None) -> dict[bytes, tuple[int, int]]:
