@@ -25,9 +25,9 @@ from typing import Any
 import pytest
 
 from media_proxy import paths
-from media_proxy.devstack.demo import png
 from media_proxy.devstack.postgres import Postgres
 from media_proxy.devstack.proxy import MediaProxy
+from media_proxy.devstack.samples import png
 from media_proxy.devstack.seaweed import SeaweedFS
 from media_proxy.devstack.synapse import Synapse
 from media_proxy.inventory import walk

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from media_proxy.devstack.demo import PASSWORD, USER, Parts, bouncing_square, samples
+from media_proxy.devstack.demo import PASSWORD, USER, Parts
+from media_proxy.devstack.samples import bouncing_square, samples
 from tests.integration.media import request
 
 pytestmark = pytest.mark.integration

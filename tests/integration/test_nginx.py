@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from media_proxy import paths
-from media_proxy.devstack.demo import Nginx
+from media_proxy.devstack.nginx import Nginx
 from media_proxy.devstack.proxy import MediaProxy
 from media_proxy.devstack.synapse import Synapse
 from tests.faults import FaultProxy
