@@ -96,42 +96,35 @@ class S3:
 
     async def open(self, rel: str) -> S3Object | None:
         """Start a GET; None when the key does not exist."""
-        try:
-            resp = await self._client.get_object(
-                Bucket=self.config.bucket, Key=self.key(rel), **self._sse()
-            )
-        except ClientError as e:
-            if _error_code(e) in _NOT_FOUND:
-                return None
-            raise S3Error(f"GetObject {self.key(rel)}: {_error_code(e)}") from e
-        except (BotoCoreError, OSError, TimeoutError) as e:
-            raise S3Error(f"GetObject {self.key(rel)}: {e}") from e
-        return S3Object(int(resp["ContentLength"]), resp["Body"])
+        key = self.key(rel)
+        resp = await self._call(
+            "GetObject",
+            key,
+            self._client.get_object(Bucket=self.config.bucket, Key=key, **self._sse()),
+            missing_ok=True,
+        )
+        return None if resp is None else S3Object(int(resp["ContentLength"]), resp["Body"])
 
     async def size(self, rel: str) -> int | None:
         """The object's size, or None when it does not exist."""
-        try:
-            resp = await self._client.head_object(
-                Bucket=self.config.bucket, Key=self.key(rel), **self._sse()
-            )
-        except ClientError as e:
-            if _error_code(e) in _NOT_FOUND:
-                return None
-            raise S3Error(f"HeadObject {self.key(rel)}: {_error_code(e)}") from e
-        except (BotoCoreError, OSError, TimeoutError) as e:
-            raise S3Error(f"HeadObject {self.key(rel)}: {e}") from e
-        return int(resp["ContentLength"])
+        key = self.key(rel)
+        resp = await self._call(
+            "HeadObject",
+            key,
+            self._client.head_object(Bucket=self.config.bucket, Key=key, **self._sse()),
+            missing_ok=True,
+        )
+        return None if resp is None else int(resp["ContentLength"])
 
     async def check_bucket(self) -> None:
         """Raise S3Error unless the bucket answers a listing with these credentials."""
-        try:
-            await self._client.list_objects_v2(
+        await self._call(
+            "ListObjectsV2",
+            self.config.bucket,
+            self._client.list_objects_v2(
                 Bucket=self.config.bucket, Prefix=self.config.prefix, MaxKeys=1
-            )
-        except ClientError as e:
-            raise S3Error(f"ListObjectsV2 {self.config.bucket}: {_error_code(e)}") from e
-        except (BotoCoreError, OSError, TimeoutError) as e:
-            raise S3Error(f"ListObjectsV2 {self.config.bucket}: {e}") from e
+            ),
+        )
 
     def _put_args(self) -> dict[str, str]:
         """What the provider's upload_file sends: storage class and SSE-C, no Content-Type."""
@@ -218,10 +211,13 @@ class S3:
             if not page.get("IsTruncated") or not token:
                 return
 
-    async def _call(self, what: str, key: str, call: Any) -> Any:
+    async def _call(self, what: str, key: str, call: Any, *, missing_ok: bool = False) -> Any:
+        """Await one S3 call; errors become S3Error, or None for a missing key if allowed."""
         try:
             return await call
         except ClientError as e:
+            if missing_ok and _error_code(e) in _NOT_FOUND:
+                return None
             raise S3Error(f"{what} {key}: {_error_code(e)}") from e
         except (BotoCoreError, OSError, TimeoutError) as e:
             raise S3Error(f"{what} {key}: {e}") from e

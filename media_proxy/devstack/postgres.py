@@ -15,9 +15,9 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Self
+from typing import Final
 
-from media_proxy.devstack.procs import LOOPBACK, ManagedProcess, free_port
+from media_proxy.devstack.procs import LOOPBACK, ManagedProcess, Part, free_port
 
 SUPERUSER: Final = "postgres"
 # initdb and postgres refuse to run as root; as root we run them as this OS user.
@@ -56,7 +56,7 @@ def postgres_bindir() -> Path:
     return Path(initdb).parent
 
 
-class Postgres:
+class Postgres(Part):
     """``initdb`` + ``postgres`` on 127.0.0.1:port, trust auth, TCP only (no Unix socket)."""
 
     def __init__(self, workdir: Path, *, port: int | None = None) -> None:
@@ -153,16 +153,9 @@ class Postgres:
             timeout=timeout,
         )
 
-    def start(self, timeout: float = 60.0) -> Self:
-        """Create the cluster, start it and wait until it answers."""
-        self.launch()
-        self.wait_ready(timeout)
-        return self
-
     def stop(self) -> None:
         """Stop the postmaster (idempotent) and remove a temp data dir of our own."""
-        if self.process is not None:
-            self.process.stop()
+        super().stop()
         if self._own_data_dir:
             shutil.rmtree(self.data_dir, ignore_errors=True)
 

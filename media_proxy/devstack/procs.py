@@ -21,7 +21,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Final
+from typing import Final, Self
 
 LOOPBACK: Final = "127.0.0.1"
 
@@ -220,6 +220,29 @@ class ManagedProcess:
         with _lock:
             _live.pop(self.pid, None)
         return self.popen.returncode
+
+
+class Part:
+    """A dev-stack part with one process: `launch` it, `wait_ready`, or both with `start`."""
+
+    process: ManagedProcess | None = None
+    start_timeout: float = 60.0
+
+    def launch(self) -> None:
+        raise NotImplementedError
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        raise NotImplementedError
+
+    def start(self, timeout: float | None = None) -> Self:
+        self.launch()
+        self.wait_ready(self.start_timeout if timeout is None else timeout)
+        return self
+
+    def stop(self) -> None:
+        """Stop the process (idempotent)."""
+        if self.process is not None:
+            self.process.stop()
 
 
 def stop_all() -> None:

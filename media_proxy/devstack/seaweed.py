@@ -13,9 +13,9 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Self
+from typing import Any, Final
 
-from media_proxy.devstack.procs import LOOPBACK, ManagedProcess, free_port
+from media_proxy.devstack.procs import LOOPBACK, ManagedProcess, Part, free_port
 
 # SeaweedFS derives each gRPC port as HTTP port + 10000 where it is not told otherwise.
 GRPC_OFFSET: Final = 10000
@@ -76,7 +76,7 @@ def s3_client(
     )
 
 
-class SeaweedFS:
+class SeaweedFS(Part):
     """``weed server`` with an S3 gateway on loopback, one all-powerful identity, no telemetry.
 
     ``endpoint_url`` is a plain attribute so that tests can put a fault-injecting proxy in front
@@ -162,17 +162,6 @@ class SeaweedFS:
             what=f"S3 ListBuckets on {self.endpoint_url}",
             timeout=timeout,
         )
-
-    def start(self, timeout: float = 60.0) -> Self:
-        """Launch and wait until S3 answers."""
-        self.launch()
-        self.wait_ready(timeout)
-        return self
-
-    def stop(self) -> None:
-        """Stop the server (idempotent)."""
-        if self.process is not None:
-            self.process.stop()
 
     def client(self) -> Any:
         """A shared synchronous botocore S3 client talking to ``endpoint_url`` directly."""

@@ -20,12 +20,12 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Self
+from typing import Any, Final
 
 import yaml
 
 from media_proxy.devstack.postgres import PostgresDatabase
-from media_proxy.devstack.procs import LOOPBACK, ManagedProcess, StartupError, free_port
+from media_proxy.devstack.procs import LOOPBACK, ManagedProcess, Part, StartupError, free_port
 from media_proxy.devstack.seaweed import S3Config
 
 REPO_ROOT: Final = Path(__file__).resolve().parents[2]
@@ -108,11 +108,13 @@ def _log_config(level: str) -> dict[str, Any]:
     }
 
 
-class Synapse:
+class Synapse(Part):
     """One Synapse homeserver: generated config, merged overrides, start/stop, a few API calls.
 
     ``extra_config`` replaces whole top-level keys of homeserver.yaml after everything else.
     """
+
+    start_timeout = 120.0  # the first start creates the whole schema
 
     def __init__(
         self,
@@ -264,17 +266,6 @@ class Synapse:
         """Wait until the client API answers /_matrix/client/versions."""
         assert self.process is not None, "launch() first"
         self.process.wait_for_http(f"{self.url}/_matrix/client/versions", timeout=timeout)
-
-    def start(self, timeout: float = 120.0) -> Self:
-        """Launch and wait until the client API answers (schema setup included)."""
-        self.launch()
-        self.wait_ready(timeout)
-        return self
-
-    def stop(self) -> None:
-        """Stop Synapse (idempotent)."""
-        if self.process is not None:
-            self.process.stop()
 
     # --- API helpers ----------------------------------------------------------------------
 
