@@ -281,7 +281,11 @@ class Filler:
             if complete(final, length):
                 return "hit", -1
             private = f"{name}.{os.getpid()}.{secrets.token_hex(4)}"
-            fd = os.open(private, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            try:
+                fd = os.open(private, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_CLOEXEC, 0o600)
+            except FileNotFoundError:  # someone removed .media-proxy/ under us
+                self.fill_dir.mkdir(parents=True, exist_ok=True)
+                continue
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # fresh inode: never contended
             try:
                 os.link(private, name)

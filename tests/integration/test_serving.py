@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
+import shutil
 import socket
 import stat
 import time
@@ -487,3 +488,20 @@ def test_s3_object_with_other_bytes_is_never_served_whole(
     assert not answer.complete
     assert len(answer.body) < len(media.data)
     assert not store_file(synapse, media).exists()
+
+
+def test_fills_survive_the_state_folder_being_removed(
+    synapse: Synapse, proxy: MediaProxy, user_token: str
+) -> None:
+    media = upload(
+        synapse.url,
+        user_token,
+        os.urandom(50_000),
+        name="state.bin",
+        server_name=synapse.server_name,
+    )
+    evict(synapse, media)
+    shutil.rmtree(synapse.media_store_path / paths.STATE_DIR)
+    answer = request(proxy.url, media.client_path(), headers=bearer(user_token))
+    assert answer.body == media.data
+    assert store_file(synapse, media).read_bytes() == media.data  # a fill, not a pass-through
