@@ -256,3 +256,42 @@ def test_full_disk_serves_from_s3_uncached(
         assert sources == ["s3-uncached", "s3-uncached"]
     finally:
         server.stop()
+
+
+def test_separate_cache_path_when_synapse_keeps_no_local_store(
+    synapse: Synapse, user_token: str, tmp_path: Path
+) -> None:
+    """With `enable_local_media_storage: false` Synapse has no store: the proxy caches in its
+    own `cache_path`, never in Synapse's media_store_path. (Synapse 1.163 with the S3 provider
+    cannot upload in that mode — the provider reads the file from media_store_path — so the
+    homeserver here keeps its store and the flag is set in the proxy's own config.)"""
+    media = upload(
+        synapse.url,
+        user_token,
+        os.urandom(70_000),
+        name="own-cache.bin",
+        server_name=synapse.server_name,
+    )
+    evict(synapse, media)
+    cache = tmp_path / "cache"
+    server = MediaProxy(
+        tmp_path / "proxy",
+        synapse_config=synapse.config_path,
+        synapse_url=synapse.url,
+        config={**TEST_PROXY_CONFIG, "enable_local_media_storage": False, "cache_path": str(cache)},
+    ).start()
+    try:
+        for _ in range(2):
+            answer = request(server.url, media.client_path(), headers=bearer(user_token))
+            assert answer.status == 200 and answer.body == media.data
+        assert (cache / media.rel).read_bytes() == media.data
+        assert not store_file(synapse, media).exists()
+        time.sleep(0.2)
+        sources = [
+            json.loads(line).get("source")
+            for line in server.log_path.read_text().splitlines()
+            if media.media_id in line and '"request"' in line
+        ]
+        assert sources == ["s3", "cache"]
+    finally:
+        server.stop()
