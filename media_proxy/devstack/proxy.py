@@ -6,6 +6,7 @@ so tests, the demo and benchmarks exercise the real command, config loading and 
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -76,6 +77,14 @@ class MediaProxy:
         )
         self.process.wait_for_http(self.url + HEALTH_PATH, timeout=timeout)
         return self
+
+    def log_events(self) -> list[dict[str, Any]]:
+        """The JSON events the proxy has logged so far (its request log among them)."""
+        events: list[dict[str, Any]] = []
+        for line in self.log_path.read_text().splitlines():
+            if line.startswith("{"):
+                events.append(json.loads(line))
+        return events
 
     def stop(self) -> None:
         if self.process is not None:

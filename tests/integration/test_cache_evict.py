@@ -439,7 +439,7 @@ def test_background_evictor_says_when_nothing_is_evictable(stack: Stack, tmp_pat
     finally:
         proxy.stop()
     assert (stack.root / media.rel).exists()
-    events = [json.loads(line) for line in proxy.log_path.read_text().splitlines() if "{" in line]
+    events = proxy.log_events()
     over = [e for e in events if e.get("event") == "cache.over_budget"]
     passes = [e for e in events if e.get("event") == "cache_evict.pass"]
     assert 1 <= len(over) <= len(passes) <= 1.5 / 0.2 + 1

@@ -150,11 +150,7 @@ def test_read_only_database_is_reported_once_and_serving_goes_on(
         assert answer.status == 200 and answer.body == media.data
         assert store_file(synapse_postgres, media).read_bytes() == media.data
         time.sleep(1.0)  # a flush interval passes without errors
-        events = [
-            json.loads(line)
-            for line in reader.log_path.read_text().splitlines()
-            if line.startswith("{")
-        ]
+        events = reader.log_events()
         assert [e["event"] for e in events].count("database.read_only") == 1
         assert not [e for e in events if e["event"] == "access_times.flush_failed"]
     finally:
@@ -246,11 +242,7 @@ def test_full_disk_serves_from_s3_uncached(
         )
         assert (tiny_disk / small.rel).read_bytes() == small.data
         time.sleep(0.2)
-        events = [
-            json.loads(line)
-            for line in server.log_path.read_text().splitlines()
-            if line.startswith("{")
-        ]
+        events = server.log_events()
         assert [e["event"] for e in events].count("cache_fill.no_space") == 1  # once a minute
         sources = [e["source"] for e in events if e.get("media_id") == media.media_id]
         assert sources == ["s3-uncached", "s3-uncached"]
@@ -288,9 +280,9 @@ def test_separate_cache_path_when_synapse_keeps_no_local_store(
         assert not store_file(synapse, media).exists()
         time.sleep(0.2)
         sources = [
-            json.loads(line).get("source")
-            for line in server.log_path.read_text().splitlines()
-            if media.media_id in line and '"request"' in line
+            e["source"]
+            for e in server.log_events()
+            if e["event"] == "request" and e.get("media_id") == media.media_id
         ]
         assert sources == ["s3", "cache"]
     finally:
