@@ -11,16 +11,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-from typing import Final
 
 from aiohttp import web
 
 from media_proxy import headers as h
 from media_proxy.fill import Fill, FillFailed
 from media_proxy.s3 import S3Object
-
-# Large enough that one sendfile call moves a lot; small enough to interleave clients.
-_SENDFILE_BLOCK: Final = 4 * 1024 * 1024
 
 
 class ClientGone(Exception):
@@ -79,17 +75,20 @@ async def _sendfile(request: web.Request, fd: int, offset: int, count: int) -> N
     if transport is None or transport.is_closing():
         raise ClientGone
     sent = _sendfile_now(transport, fd, offset, count)
-    offset, count = offset + sent, count - sent
-    file = _FdFile(fd)
-    loop = asyncio.get_running_loop()
-    while count > 0:
-        block = min(count, _SENDFILE_BLOCK)
-        try:
-            await loop.sendfile(transport, file, offset, block)  # type: ignore[arg-type]
-        except (ConnectionError, RuntimeError) as e:  # RuntimeError: "Transport is closing"
-            raise ClientGone from e
-        offset += block
-        count -= block
+    if sent == count:
+        return
+    # The rest in one call: it waits for writability itself, so clients still interleave,
+    # and every extra call would pause, drain and resume the transport again (measured: 4 MiB
+    # calls halved the throughput of a 20 MiB hit).
+    try:
+        await asyncio.get_running_loop().sendfile(
+            transport,
+            _FdFile(fd),  # type: ignore[arg-type]
+            offset + sent,
+            count - sent,
+        )
+    except (ConnectionError, RuntimeError) as e:  # RuntimeError: "Transport is closing"
+        raise ClientGone from e
 
 
 def abort(request: web.Request) -> None:
