@@ -81,6 +81,7 @@ class Config:
     s3: S3Config | None = None
     enable_local_media_storage: bool = True
     enable_authenticated_media: bool = True
+    dynamic_thumbnails: bool = False
     max_upload_size: int = 50 * 1024 * 1024
     synapse_config: tuple[Path, ...] = ()
     listen_host: str = "127.0.0.1"
@@ -332,6 +333,7 @@ _OWN_KEYS: Final = frozenset(
         "media_store_path",
         "enable_local_media_storage",
         "enable_authenticated_media",
+        "dynamic_thumbnails",
         "max_upload_size",
     }
 )
@@ -381,9 +383,11 @@ def load(
     media_store = workdir / store_value
     enable_local, src = pick("enable_local_media_storage", True)
     auth_media, src2 = pick("enable_authenticated_media", True)
+    dynamic, src3 = pick("dynamic_thumbnails", False)
     for key, value, where in (
         ("enable_local_media_storage", enable_local, src),
         ("enable_authenticated_media", auth_media, src2),
+        ("dynamic_thumbnails", dynamic, src3),
     ):
         if not isinstance(value, bool):
             raise ConfigError(where, key, f"expected true or false, got {value!r}")
@@ -451,6 +455,7 @@ def load(
         s3=s3,
         enable_local_media_storage=enable_local,
         enable_authenticated_media=auth_media,
+        dynamic_thumbnails=dynamic,
         max_upload_size=max_upload_size,
         synapse_config=tuple(p.absolute() for p in hs_paths),
         listen_host=host,

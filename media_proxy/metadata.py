@@ -91,6 +91,12 @@ class ThumbnailRow:
     length: int | None
 
 
+# Synapse's own query (no ORDER BY): same query, same row order as Synapse sees.
+_LOCAL_THUMBNAILS: Final = (
+    "SELECT thumbnail_width, thumbnail_height, thumbnail_type, thumbnail_method,"
+    " thumbnail_length FROM local_media_repository_thumbnails WHERE media_id = {}"
+)
+
 # Bulk reads for the cache's upkeep: local rows by their (indexed) media_id, in batches;
 # remote rows are keyed on disk by filesystem_id, which has no index, so one scan.
 _BATCH: Final = 500
@@ -130,6 +136,7 @@ def _thumbnail_row(media_id: str, server: str, fid: str, row: Any) -> ThumbnailR
 
 class Database(Protocol):
     async def local_media(self, media_id: str) -> LocalMedia | None: ...
+    async def local_thumbnails(self, media_id: str) -> list[ThumbnailRow]: ...
     async def touch_local(self, media_ids: list[str], now_ms: int) -> None: ...
     async def can_write(self) -> bool: ...
     async def store_local_rows(self, media_ids: Sequence[str]) -> dict[str, StoreRow]: ...
@@ -203,6 +210,10 @@ class SqliteDatabase:
         rows = await self._batched(_STORE_LOCAL_THUMBNAILS, media_ids)
         return [_thumbnail_row(r[0], "", "", r[1:]) for r in rows]
 
+    async def local_thumbnails(self, media_id: str) -> list[ThumbnailRow]:
+        rows = await self._all(_LOCAL_THUMBNAILS.format("?"), (media_id,))
+        return [_thumbnail_row(media_id, "", "", r) for r in rows]
+
     async def store_remote_rows(self) -> dict[tuple[str, str], StoreRow]:
         rows = await self._all(_STORE_REMOTE)
         return {(r[0], r[1]): _store_row((r[2], r[3], r[4], None, r[5])) for r in rows}
@@ -275,6 +286,10 @@ class PostgresDatabase:
         rows = await self._batched(_STORE_LOCAL_THUMBNAILS, media_ids)
         return [_thumbnail_row(r[0], "", "", tuple(r)[1:]) for r in rows]
 
+    async def local_thumbnails(self, media_id: str) -> list[ThumbnailRow]:
+        rows = await self._all(_LOCAL_THUMBNAILS.format("$1"), media_id)
+        return [_thumbnail_row(media_id, "", "", tuple(r)) for r in rows]
+
     async def store_remote_rows(self) -> dict[tuple[str, str], StoreRow]:
         rows = await self._all(_STORE_REMOTE)
         return {(r[0], r[1]): _store_row((r[2], r[3], r[4], None, r[5])) for r in rows}
@@ -322,6 +337,10 @@ class Metadata:
             maxsize=maxsize, ttl=ttl
         )
         self._inflight: Inflight[LocalMedia | None] = Inflight()
+        self._thumbnails: cachetools.TTLCache[str, list[ThumbnailRow]] = cachetools.TTLCache(
+            maxsize=maxsize, ttl=ttl
+        )
+        self._inflight_thumbnails: Inflight[list[ThumbnailRow]] = Inflight()
         self._accessed: set[str] = set()
         self._flush_interval = flush_interval
         self._writable = True
@@ -348,6 +367,17 @@ class Metadata:
         row = await self._inflight.run(media_id, lambda: self.db.local_media(media_id))
         self._rows[media_id] = row
         return row
+
+    async def local_thumbnails(self, media_id: str) -> list[ThumbnailRow]:
+        try:
+            return self._thumbnails[media_id]
+        except KeyError:
+            pass
+        rows = await self._inflight_thumbnails.run(
+            media_id, lambda: self.db.local_thumbnails(media_id)
+        )
+        self._thumbnails[media_id] = rows
+        return rows
 
     def mark_accessed(self, media_id: str) -> None:
         if self._writable:

@@ -32,6 +32,14 @@ class Kind(enum.Enum):
 
 
 @dataclass(frozen=True, slots=True)
+class ThumbnailParams:
+    width: int
+    height: int
+    method: str  # as given (Synapse lowercases it for selection, not for exact matches)
+    desired_type: str  # image/webp when animated=true, else image/png; Accept is ignored
+
+
+@dataclass(frozen=True, slots=True)
 class MediaRequest:
     api: Api
     kind: Kind
@@ -40,6 +48,7 @@ class MediaRequest:
     file_name: str  # "" when absent: the stored upload name is used
     raw_path: str  # percent-encoded, without query: Synapse quotes it in its 404s
     query: Query
+    thumbnail: ThumbnailParams | None = None
 
     def first(self, name: str) -> str | None:
         values = self.query.get(name)
@@ -50,6 +59,11 @@ _DOWNLOAD: Final = re.compile(
     r"^/_matrix/(?:(?P<client>client/v1/media)|media/(?:r0|v3|v1))/download/"
     r"(?P<server_name>[^/]*)/(?P<media_id>[^/]*)(?:/(?P<file_name>[^/]*))?$"
 )
+_THUMBNAIL: Final = re.compile(
+    r"^/_matrix/(?:(?P<client>client/v1/media)|media/(?:r0|v3|v1))/thumbnail/"
+    r"(?P<server_name>[^/]*)/(?P<media_id>[^/]*)$"
+)
+ANIMATED_THUMBNAIL_TYPE: Final = "image/webp"
 _QUERY_SEPARATOR: Final = re.compile("[&;]")
 _HOST: Final = re.compile(r"\A[0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*\Z")
 
@@ -99,14 +113,38 @@ def _valid_non_negative_int(value: str) -> bool:
         return False
 
 
+def _thumbnail_params(query: Query) -> ThumbnailParams | None:
+    """Synapse's width, height, method and animated parameters; None where it would refuse."""
+    width, height = query.get("width"), query.get("height")
+    if not width or not height:
+        return None  # 400 M_MISSING_PARAM
+    if not (_valid_non_negative_int(width[0]) and _valid_non_negative_int(height[0])):
+        return None  # 400 M_INVALID_PARAM
+    method = query.get("method", ["scale"])[0]
+    if not method.isascii():
+        return None
+    animated = query.get("animated", ["false"])[0]
+    if animated not in ("true", "false"):
+        return None
+    return ThumbnailParams(
+        width=int(width[0].encode()),
+        height=int(height[0].encode()),
+        method=method,
+        desired_type=ANIMATED_THUMBNAIL_TYPE if animated == "true" else "image/png",
+    )
+
+
 def parse(method: str, raw_target: str) -> MediaRequest | None:
-    """A download the proxy may answer itself, or None to pass the request to Synapse."""
+    """A download or thumbnail the proxy may answer itself, or None to pass the request on."""
     if method not in ("GET", "HEAD"):
         return None
     raw_path, _, raw_query = raw_target.partition("?")
+    kind = Kind.DOWNLOAD
     match = _DOWNLOAD.match(raw_path)
     if match is None:
-        return None
+        kind, match = Kind.THUMBNAIL, _THUMBNAIL.match(raw_path)
+        if match is None:
+            return None
     server_name = _unquote(match["server_name"])
     if not valid_server_name(server_name):
         return None  # Synapse answers 500; let it
@@ -115,14 +153,20 @@ def parse(method: str, raw_target: str) -> MediaRequest | None:
     if timeout and not _valid_non_negative_int(timeout[0]):
         return None  # Synapse's 400 M_INVALID_PARAM
     api = Api.CLIENT if match["client"] else Api.LEGACY
-    if api is Api.CLIENT and "admin_unsafely_bypass_quarantine" in query:
+    thumbnail = None
+    if kind is Kind.THUMBNAIL:
+        thumbnail = _thumbnail_params(query)
+        if thumbnail is None:
+            return None
+    elif api is Api.CLIENT and "admin_unsafely_bypass_quarantine" in query:
         return None  # needs an admin check only Synapse can make
     return MediaRequest(
         api=api,
-        kind=Kind.DOWNLOAD,
+        kind=kind,
         server_name=server_name,
         media_id=_unquote(match["media_id"]),
-        file_name=_unquote(match["file_name"]),
+        file_name=_unquote(match.groupdict().get("file_name")),
         raw_path=raw_path,
         query=query,
+        thumbnail=thumbnail,
     )

@@ -1,7 +1,7 @@
 """The aiohttp server: wires the pipeline together, logs one event per request, runs workers.
 
 Every request goes through `Proxy.handle`: a download of local media the proxy can answer
-goes down the download pipeline; everything else, and anything the pipeline is unsure of,
+goes down the media pipeline; everything else, and anything the pipeline is unsure of,
 is passed to Synapse. Several worker processes share the port (SO_REUSEPORT) and the cache;
 fill.py keeps them to one S3 GET per file.
 """
@@ -22,12 +22,12 @@ from aiohttp import web
 from media_proxy import parse
 from media_proxy.authorize import Authorizer
 from media_proxy.config import Config
-from media_proxy.download import Downloads, Outcome
 from media_proxy.evict import BackgroundEvictor
 from media_proxy.fill import Filler
 from media_proxy.locate import Locator
 from media_proxy.metadata import Metadata, open_database
 from media_proxy.passthrough import SynapseClient
+from media_proxy.pipeline import MediaPipeline, Outcome
 from media_proxy.respond import ClientGone, abort
 from media_proxy.s3 import S3
 
@@ -46,7 +46,7 @@ class Proxy:
         self.s3: S3 | None = None
         self.filler: Filler | None = None
         self.metadata: Metadata | None = None
-        self.downloads: Downloads | None = None
+        self.pipeline: MediaPipeline | None = None
         self.evictor: BackgroundEvictor | None = None
 
     async def start(self) -> None:
@@ -75,7 +75,7 @@ class Proxy:
             maxsize=config.auth_cache_size,
         )
         locator = Locator(config.cache_path, self.filler)
-        self.downloads = Downloads(config, authorizer, self.metadata, locator)
+        self.pipeline = MediaPipeline(config, authorizer, self.metadata, locator)
 
     async def close(self) -> None:
         if self.evictor is not None:
@@ -105,9 +105,9 @@ class Proxy:
             if (
                 media is not None
                 and media.server_name == self.config.server_name
-                and self.downloads is not None
+                and self.pipeline is not None
             ):
-                response = await self.downloads.serve(request, media, outcome)
+                response = await self.pipeline.serve(request, media, outcome)
             if response is None:
                 outcome.source = "synapse"
                 response = await self._synapse().forward(request)
@@ -129,7 +129,7 @@ class Proxy:
                 request_id=request.headers.get("X-Request-ID") or os.urandom(8).hex(),
                 method=request.method,
                 path=request.path,  # never the query: it may carry an access token
-                route=media.api.value if media else "other",
+                route=f"{media.api.value}-{media.kind.value}" if media else "other",
                 media_id=media.media_id if media else None,
                 source=outcome.source,
                 status=response.status if response is not None else None,

@@ -107,7 +107,8 @@ def test_one_log_event_per_request_and_no_secrets(
     requests = [e for e in events if e.get("event") == "request"]
     assert [e["source"] for e in requests] == ["s3", "cache"]
     for event in requests:
-        assert event["status"] == 200 and event["bytes"] == 3000 and event["route"] == "client"
+        assert event["status"] == 200 and event["bytes"] == 3000
+        assert event["route"] == "client-download"
         assert {"request_id", "media_id", "ms", "method", "path", "timestamp"} <= set(event)
 
 

@@ -11,7 +11,15 @@ from typing import Any
 
 import pytest
 
-from media_proxy.parse import Api, Kind, MediaRequest, parse, parse_query, valid_server_name
+from media_proxy.parse import (
+    Api,
+    Kind,
+    MediaRequest,
+    ThumbnailParams,
+    parse,
+    parse_query,
+    valid_server_name,
+)
 from tests.unit.synapse_oracle import run_synapse
 
 ID = "abcdefghijklmnopqrstuvwx"
@@ -78,8 +86,8 @@ def test_download_routes(
         f"/_matrix/client/unstable/media/download/example.org/{ID}",
         f"/x/_matrix/media/v3/download/example.org/{ID}",
         f"//_matrix/media/v3/download/example.org/{ID}",
-        f"/_matrix/media/v3/thumbnail/example.org/{ID}?width=32&height=32",
-        f"/_matrix/client/v1/media/thumbnail/example.org/{ID}?width=32&height=32",
+        f"/_matrix/media/v3/thumbnail/example.org/{ID}/name.png?width=32&height=32",
+        f"/_matrix/client/v1/media/thumbnail/example.org/{ID}",  # width and height required
         "/_matrix/media/v3/upload?filename=a.png",
         f"/_matrix/media/v3/upload/example.org/{ID}",
         "/_matrix/media/v1/create",
@@ -442,3 +450,53 @@ def test_timeout_ms_matches_synapse(query: str, synapse_timeouts: dict[str, bool
     """Synapse's 400 must come from Synapse (parse -> None); what it accepts, we serve."""
     got = parse("GET", f"{CLIENT}/example.org/{ID}?{query}")
     assert (got is not None) is synapse_timeouts[query]
+
+
+# --- thumbnails --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        ("?width=32&height=32", ThumbnailParams(32, 32, "scale", "image/png")),
+        ("?width=32&height=24&method=crop", ThumbnailParams(32, 24, "crop", "image/png")),
+        (
+            "?width=1&height=2&method=CROP&animated=true",
+            ThumbnailParams(1, 2, "CROP", "image/webp"),
+        ),
+        ("?width=0&height=0&animated=false", ThumbnailParams(0, 0, "scale", "image/png")),
+        ("?width=5&width=x&height=5", ThumbnailParams(5, 5, "scale", "image/png")),  # first wins
+        ("?width=+5&height=5_0", ThumbnailParams(5, 50, "scale", "image/png")),  # int() rules
+    ],
+)
+def test_thumbnail_params(target: str, expected: ThumbnailParams) -> None:
+    for prefix in ("/_matrix/client/v1/media", "/_matrix/media/v3", "/_matrix/media/r0"):
+        req = parse("GET", f"{prefix}/thumbnail/example.org/{ID}{target}")
+        assert req is not None and req.kind is Kind.THUMBNAIL
+        assert req.thumbnail == expected
+        assert req.file_name == ""
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "",
+        "?width=32",
+        "?height=32",
+        "?width=&height=32",
+        "?width=-1&height=32",
+        "?width=3.5&height=32",
+        "?width=32&height=32&animated=yes",
+        "?width=32&height=32&animated=True",
+        "?width=32&height=32&method=%C3%A9",
+        "?width=32&height=32&timeout_ms=x",
+        "?width=%D9%A5&height=32",
+    ],
+)
+def test_thumbnail_requests_synapse_refuses_are_passed_on(target: str) -> None:
+    assert parse("GET", f"/_matrix/client/v1/media/thumbnail/example.org/{ID}{target}") is None
+
+
+def test_thumbnail_ignores_the_quarantine_bypass_parameter() -> None:
+    target = f"/_matrix/client/v1/media/thumbnail/example.org/{ID}?width=1&height=1"
+    assert parse("GET", target + "&admin_unsafely_bypass_quarantine=true") is not None

@@ -1,6 +1,7 @@
-"""The download pipeline: parse -> authorize -> metadata -> locate -> respond.
+"""The media pipeline: parse -> authorize -> metadata -> locate -> respond.
 
-Reads top to bottom as the story of one request for local media. At every point where the
+Reads top to bottom as the story of one request for local media, a download or a thumbnail
+(which differ only in the file chosen and its headers). At every point where the
 proxy cannot be sure of Synapse's exact answer it returns `None`, and the server passes the
 request to Synapse instead.
 """
@@ -12,12 +13,12 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from media_proxy import headers as h
-from media_proxy import paths, respond
+from media_proxy import paths, respond, thumbnail
 from media_proxy.authorize import Authorizer, Credentials, SynapseUnavailable, credentials
 from media_proxy.config import Config
 from media_proxy.locate import Direct, Hit, Locator, Miss
 from media_proxy.metadata import DatabaseError, LocalMedia, Metadata
-from media_proxy.parse import Api, MediaRequest
+from media_proxy.parse import Api, Kind, MediaRequest
 from media_proxy.passthrough import client_ip
 
 
@@ -49,7 +50,7 @@ def _nginx_would_answer(request: web.Request) -> bool:
     )
 
 
-class Downloads:
+class MediaPipeline:
     def __init__(
         self, config: Config, authorizer: Authorizer, metadata: Metadata, locator: Locator
     ) -> None:
@@ -61,7 +62,7 @@ class Downloads:
     async def serve(
         self, request: web.Request, media: MediaRequest, outcome: Outcome
     ) -> web.StreamResponse | None:
-        servlet = h.servlet_headers(download=True)
+        servlet = h.servlet_headers(download=media.kind is Kind.DOWNLOAD)
         if media.api is Api.CLIENT:
             creds = credentials(request.headers.getall("Authorization", []), media.query)
             if isinstance(creds, Credentials):
@@ -96,18 +97,36 @@ class Downloads:
             return await respond.not_modified(request, servlet)
 
         try:
-            rel = paths.local_media(row.media_id)
-        except paths.PathError:
+            if media.thumbnail is None:
+                rel, length, sha256 = paths.local_media(row.media_id), row.media_length, row.sha256
+                media_headers = h.download_headers(
+                    row.media_type, length, media.file_name or row.upload_name
+                )
+            else:
+                chosen = thumbnail.choose(
+                    await self.metadata.local_thumbnails(row.media_id),
+                    media.thumbnail,
+                    dynamic=self.config.dynamic_thumbnails,
+                )
+                if chosen is None or chosen.length is None:
+                    outcome.source = "synapse"
+                    return None
+                rel = paths.local_thumbnail(
+                    row.media_id, chosen.width, chosen.height, chosen.content_type, chosen.method
+                )
+                length, sha256 = chosen.length, None
+                media_headers = h.download_headers(
+                    chosen.content_type, length, None, download=False
+                )
+        except (paths.PathError, DatabaseError):
+            outcome.source = "synapse"
             return None
         accel = bool(self.config.accel_redirect) and not _nginx_would_answer(request)
-        found = await self.locator.locate(rel, row.media_length, row.sha256, open_hit=not accel)
+        found = await self.locator.locate(rel, length, sha256, open_hit=not accel)
         if found is None:
             outcome.source = "synapse"
             return None
-        media_headers = h.download_headers(
-            row.media_type, row.media_length, media.file_name or row.upload_name
-        )
-        sent = 0 if request.method == "HEAD" else row.media_length
+        sent = 0 if request.method == "HEAD" else length
         try:
             if isinstance(found, Hit):
                 outcome.source = "cache"
@@ -116,7 +135,7 @@ class Downloads:
                     outcome.source = "cache-accel"
                     outcome.bytes = 0
                     return respond.accel_redirect(media_headers, self.config.accel_redirect + rel)
-                response = await respond.file(request, media_headers, found.fd, row.media_length)
+                response = await respond.file(request, media_headers, found.fd, length)
             elif isinstance(found, Miss):
                 outcome.source = "s3"
                 response = await respond.fill(request, media_headers, found.fill)
