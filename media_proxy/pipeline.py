@@ -94,7 +94,9 @@ class MediaPipeline:
 
         self.metadata.mark_accessed(row.media_id)
         if h.is_not_modified(request.headers.getall("If-None-Match", [])):
-            return await respond.not_modified(request, servlet)
+            return await respond.not_modified(
+                request, h.not_modified_headers(download=media.kind is Kind.DOWNLOAD)
+            )
 
         try:
             if media.thumbnail is None:

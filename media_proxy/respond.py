@@ -111,12 +111,10 @@ async def error(
     return response
 
 
-async def not_modified(request: web.Request, servlet: h.Headers) -> web.StreamResponse:
+async def not_modified(request: web.Request, headers: h.Headers) -> web.StreamResponse:
     response = web.StreamResponse(status=304)
-    for name, value in servlet:
+    for name, value in headers:
         response.headers.add(name, value)
-    for name, value in h.MEDIA_CACHE:
-        response.headers[name] = value
     await response.prepare(request)
     await response.write_eof()
     return response
