@@ -11,6 +11,7 @@ import hashlib
 import http.client
 import json
 import sqlite3
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any
@@ -130,7 +131,17 @@ def store_file(synapse: Synapse, media: Media) -> Any:
     return synapse.media_store_path / media.rel
 
 
+def settle_fills(synapse: Synapse, timeout: float = 10.0) -> None:
+    """Wait until no fill is running: a fill started by an earlier request (a HEAD, say) goes
+    on after its answer and would put an evicted file back behind a test's back."""
+    fill_dir = synapse.media_store_path / paths.FILL_DIR
+    deadline = time.monotonic() + timeout
+    while fill_dir.exists() and any(fill_dir.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 def evict(synapse: Synapse, media: Media) -> None:
+    settle_fills(synapse)
     store_file(synapse, media).unlink(missing_ok=True)
 
 

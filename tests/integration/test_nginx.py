@@ -28,7 +28,6 @@ from typing import Any
 
 import pytest
 
-from media_proxy import paths
 from media_proxy.devstack.nginx import Nginx
 from media_proxy.devstack.proxy import MediaProxy
 from media_proxy.devstack.synapse import Synapse
@@ -90,16 +89,6 @@ class ProxyLog:
 
     def sources(self, media_id: str) -> list[str]:
         return [str(e["source"]) for e in self.settled() if e.get("media_id") == media_id]
-
-
-def evict_settled(synapse: Synapse, m: Media) -> None:
-    """Evict once no fill is running: a fill started by an earlier request (a HEAD, say)
-    goes on after its answer and would put the file back behind the test's back."""
-    fill_dir = synapse.media_store_path / paths.FILL_DIR
-    deadline = time.monotonic() + 10
-    while fill_dir.exists() and any(fill_dir.iterdir()) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    evict(synapse, m)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -218,16 +207,16 @@ def test_downloads_through_nginx_match_synapse(
     log = ProxyLog(proxy)
     for method, path, headers in download_cases(m, user_token):
         if evicted:
-            evict_settled(synapse, m)
+            evict(synapse, m)
         ours = request(nginx.url, path, method=method, headers=headers)
         if evicted:
-            evict_settled(synapse, m)
+            evict(synapse, m)
         theirs = request(synapse.url, path, method=method, headers=headers)
         assert comparable(ours) == comparable(theirs), (method, path, headers, ours, theirs)
     # The proxy answered them (nginx did not route around it), from the store or from S3.
     sources = log.sources(m.media_id)
     assert ("s3" if evicted else "cache") in sources, sources
-    evict_settled(synapse, m)
+    evict(synapse, m)
     answer = request(nginx.url, m.client_path(), headers=bearer(user_token))
     assert answer.body == m.data
     assert store_file(synapse, m).read_bytes() == m.data  # written back
@@ -345,15 +334,15 @@ def test_accel_mode_answers_like_plain_mode(
     log = ProxyLog(accel_proxy)
     for method, path, headers in download_cases(m, user_token):
         if evicted:
-            evict_settled(synapse, m)
+            evict(synapse, m)
         accel = request(accel_nginx.url, path, method=method, headers=headers)
         if evicted:
-            evict_settled(synapse, m)
+            evict(synapse, m)
         plain = request(nginx.url, path, method=method, headers=headers)
         assert comparable(accel) == comparable(plain), (method, path, headers, accel, plain)
         assert accel.header("x-accel-redirect") is None
         if evicted:
-            evict_settled(synapse, m)
+            evict(synapse, m)
         theirs = request(synapse.url, path, method=method, headers=headers)
         assert comparable(accel) == comparable(theirs), (method, path, headers, accel, theirs)
 

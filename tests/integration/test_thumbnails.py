@@ -17,7 +17,7 @@ from media_proxy.devstack.proxy import MediaProxy
 from media_proxy.devstack.samples import png
 from media_proxy.devstack.synapse import Synapse
 from tests.faults import FaultProxy
-from tests.integration.media import Media, bearer, request, sql, upload
+from tests.integration.media import Media, bearer, request, settle_fills, sql, upload
 from tests.integration.test_serving import differential
 
 SIZES = [
@@ -65,6 +65,7 @@ def thumb_path(media: Media, api: str, query: str) -> str:
 
 
 def evict_thumbnails(synapse: Synapse, media: Media) -> None:
+    settle_fills(synapse)
     folder = synapse.media_store_path / paths.local_thumbnail_dir(media.media_id)
     shutil.rmtree(folder, ignore_errors=True)
 
