@@ -64,9 +64,8 @@ class FillFailed(Exception):
 class Fill:
     """One store path being filled, as this process sees it."""
 
-    def __init__(self, rel: str, final_path: str, length: int, fd: int, *, leader: bool) -> None:
+    def __init__(self, rel: str, final_path: str, length: int, fd: int) -> None:
         self.rel, self.final_path, self.length, self.fd = rel, final_path, length, fd
-        self.leader = leader
         self.available = 0
         self.readers = 0
         self.ok = False
@@ -253,9 +252,9 @@ class Filler:
                         self._log_no_space(rel, length)
                         raise NoSpace(str(e)) from e
                     raise
-            fill = Fill(rel, final, length, fd, leader=role == "lead")
+            fill = Fill(rel, final, length, fd)
             self._fills[rel] = fill
-            driver = self._lead(fill, sha256) if fill.leader else self._follow(fill)
+            driver = self._lead(fill, sha256) if role == "lead" else self._follow(fill)
             task = asyncio.create_task(driver)
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)

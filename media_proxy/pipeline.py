@@ -26,7 +26,8 @@ from media_proxy.passthrough import client_ip
 class Outcome:
     """What the request log line reports about a request."""
 
-    source: str = "synapse"  # cache | s3 | proxy (answered without bytes) | synapse
+    # cache | cache-accel | s3 | s3-uncached | proxy (answered without bytes) | synapse
+    source: str = "synapse"
     bytes: int = 0
 
 
