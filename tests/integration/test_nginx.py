@@ -95,21 +95,28 @@ class ProxyLog:
 # Fixtures
 
 
-@pytest.fixture(scope="module")
-def nginx(
-    synapse: Synapse, proxy: MediaProxy, tmp_path_factory: pytest.TempPathFactory
+def _nginx(
+    name: str, synapse: Synapse, proxy: MediaProxy, tmp: pytest.TempPathFactory, **extra: Any
 ) -> Iterator[Nginx]:
     server = Nginx(
-        tmp_path_factory.mktemp(f"nginx-{synapse.server_name}"),
+        tmp.mktemp(f"{name}-{synapse.server_name}"),
         media_proxy=[address(proxy.url)],
         synapse=address(synapse.url),
         server_name=synapse.server_name,
         client_max_body_size=str(synapse.config["max_upload_size"]),
+        **extra,
     ).start()
     try:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def nginx(
+    synapse: Synapse, proxy: MediaProxy, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Nginx]:
+    yield from _nginx("nginx", synapse, proxy, tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
@@ -132,18 +139,9 @@ def accel_proxy(synapse: Synapse, s3_proxy: FaultProxy, devstack_dir: Path) -> I
 def accel_nginx(
     synapse: Synapse, accel_proxy: MediaProxy, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Nginx]:
-    server = Nginx(
-        tmp_path_factory.mktemp(f"nginx-accel-{synapse.server_name}"),
-        media_proxy=[address(accel_proxy.url)],
-        synapse=address(synapse.url),
-        server_name=synapse.server_name,
-        accel_root=synapse.media_store_path,
-        client_max_body_size=str(synapse.config["max_upload_size"]),
-    ).start()
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _nginx(
+        "nginx-accel", synapse, accel_proxy, tmp_path_factory, accel_root=synapse.media_store_path
+    )
 
 
 @pytest.fixture(scope="module")

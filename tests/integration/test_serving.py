@@ -505,3 +505,22 @@ def test_fills_survive_the_state_folder_being_removed(
     answer = request(proxy.url, media.client_path(), headers=bearer(user_token))
     assert answer.body == media.data
     assert store_file(synapse, media).read_bytes() == media.data  # a fill, not a pass-through
+
+
+def test_upload_with_expect_100_continue(
+    synapse: Synapse, proxy: MediaProxy, user_token: str
+) -> None:
+    """curl and browsers send `Expect: 100-continue` with big bodies: aiohttp answers the
+    100 itself and the upload still streams through to Synapse."""
+    data = os.urandom(300_000)
+    answer = request(
+        proxy.url,
+        "/_matrix/media/v3/upload?filename=expect.bin",
+        method="POST",
+        headers=[*bearer(user_token), ("Content-Type", "image/png"), ("Expect", "100-continue")],
+        body=data,
+    )
+    assert answer.status == 200, answer.body
+    media_id = json.loads(answer.body)["content_uri"].rsplit("/", 1)[1]
+    media = Media(media_id, data, "image/png", "expect.bin", synapse.server_name)
+    assert request(proxy.url, media.client_path(), headers=bearer(user_token)).body == data

@@ -893,3 +893,11 @@ def test_masked_hides_a_dsn(tmp_path: Path) -> None:
         tmp_path, "database: {name: psycopg2, args: {dsn: 'postgresql://u:secret@h/db'}}\n"
     )
     assert "secret" not in json.dumps(masked(config))
+
+
+def test_dynamic_thumbnails_is_read_from_homeserver_yaml(tmp_path: Path) -> None:
+    assert load_hs(tmp_path).dynamic_thumbnails is False
+    assert load_hs(tmp_path / "b", "dynamic_thumbnails: true\n").dynamic_thumbnails is True
+    hs = hs_file(tmp_path / "c", "dynamic_thumbnails: sometimes\n")
+    error = config_error(synapse_config=[hs], overrides=URL, environ={})
+    assert (error.source, error.key) == (str(hs), "dynamic_thumbnails")
