@@ -5,7 +5,7 @@ a small and a big file, and loads each server with `wrk` (Debian package `wrk`) 
 a few seconds per case. Prints requests/s, median latency and throughput. Figures on a shared
 2-core machine are noisy: compare the columns of one run, not runs with each other.
 
-    .venv/bin/python benchmarks/hits.py [--seconds 5] [--workers 2]
+    .venv/bin/python -m benchmarks.hits [--seconds 5] [--workers 2]
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from media_proxy.devstack.procs import stop_all
-from media_proxy.devstack.proxy import MediaProxy
-from media_proxy.devstack.seaweed import SeaweedFS
-from media_proxy.devstack.synapse import Synapse
+from devstack.procs import stop_all
+from devstack.proxy import MediaProxy
+from devstack.seaweed import SeaweedFS
+from devstack.synapse import Synapse
 
 _UNITS = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
 

@@ -5,7 +5,7 @@ worker), uploads one big file, evicts it, and downloads it once through media-pr
 through Synapse (the reference, measured in the same run), sampling each server's resident
 memory while the bytes flow. Prints peak RSS and its growth side by side.
 
-    .venv/bin/python benchmarks/miss_memory.py [--size-mib 200]
+    .venv/bin/python -m benchmarks.miss_memory [--size-mib 200]
 """
 
 from __future__ import annotations
@@ -17,11 +17,11 @@ import threading
 import time
 from pathlib import Path
 
+from devstack.procs import stop_all
+from devstack.proxy import MediaProxy
+from devstack.seaweed import SeaweedFS
+from devstack.synapse import Synapse
 from media_proxy import paths
-from media_proxy.devstack.procs import stop_all
-from media_proxy.devstack.proxy import MediaProxy
-from media_proxy.devstack.seaweed import SeaweedFS
-from media_proxy.devstack.synapse import Synapse
 
 
 def rss_kib(pid: int) -> int:

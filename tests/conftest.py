@@ -33,7 +33,7 @@ from types import FrameType
 
 import pytest
 
-from media_proxy.devstack import Postgres, SeaweedFS, Synapse
+from devstack import Postgres, SeaweedFS, Synapse
 from tests.faults import FaultProxy
 
 PASSWORD = "devstack-password"

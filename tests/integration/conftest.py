@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from media_proxy.devstack import Synapse
-from media_proxy.devstack.proxy import MediaProxy
+from devstack import Synapse
+from devstack.proxy import MediaProxy
 from tests.faults import FaultProxy
 
 TEST_PROXY_CONFIG = {

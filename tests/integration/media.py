@@ -18,9 +18,9 @@ from typing import Any
 
 import asyncpg
 
+from devstack.postgres import PostgresDatabase
+from devstack.synapse import SqliteDatabase, Synapse
 from media_proxy import paths
-from media_proxy.devstack.postgres import PostgresDatabase
-from media_proxy.devstack.synapse import SqliteDatabase, Synapse
 
 # Headers allowed to differ between Synapse and the proxy.
 IGNORED = frozenset({"server", "date"})

@@ -24,12 +24,12 @@ from typing import Any
 
 import pytest
 
+from devstack.postgres import Postgres
+from devstack.proxy import MediaProxy
+from devstack.samples import png
+from devstack.seaweed import SeaweedFS
+from devstack.synapse import Synapse
 from media_proxy import paths
-from media_proxy.devstack.postgres import Postgres
-from media_proxy.devstack.proxy import MediaProxy
-from media_proxy.devstack.samples import png
-from media_proxy.devstack.seaweed import SeaweedFS
-from media_proxy.devstack.synapse import Synapse
 from media_proxy.inventory import walk
 from tests.integration.media import Media, bearer, request, sql, upload
 

@@ -1,4 +1,4 @@
-"""The README's first command: `scripts/demo` (setup, then `python -m media_proxy.devstack.demo`).
+"""The README's first command: `scripts/demo` (setup, then `python -m devstack.demo`).
 
 Runs the demo module as a child process exactly as scripts/demo does after setup, with its own
 work dir: SeaweedFS, Synapse (SQLite + S3 provider), media-proxy and nginx, all on loopback.
@@ -23,14 +23,14 @@ from pathlib import Path
 
 import pytest
 
-from media_proxy.devstack.demo import PASSWORD, USER, Parts
-from media_proxy.devstack.samples import bouncing_square, samples
+from devstack.demo import PASSWORD, USER, Parts
+from devstack.samples import bouncing_square, samples
 from tests.integration.media import request
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-DEMO = [sys.executable, "-m", "media_proxy.devstack.demo"]
+DEMO = [sys.executable, "-m", "devstack.demo"]
 ROW = re.compile(
     r"^  (?P<name>\S+) .* (?P<s1>\S+) +(?P<ms1>[\d.]+) ms (?P<ok1>\S+) +"
     r"(?P<s2>\S+) +(?P<ms2>[\d.]+) ms (?P<ok2>\S+) +(?P<store>refilled|NOT REFILLED)$"

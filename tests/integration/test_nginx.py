@@ -28,9 +28,9 @@ from typing import Any
 
 import pytest
 
-from media_proxy.devstack.nginx import Nginx
-from media_proxy.devstack.proxy import MediaProxy
-from media_proxy.devstack.synapse import Synapse
+from devstack.nginx import Nginx
+from devstack.proxy import MediaProxy
+from devstack.synapse import Synapse
 from tests.faults import FaultProxy
 from tests.integration.conftest import TEST_PROXY_CONFIG
 from tests.integration.media import Answer, Media, bearer, evict, request, store_file, upload

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from media_proxy.devstack import Postgres, Synapse
-from media_proxy.devstack.postgres import PostgresDatabase
-from media_proxy.devstack.proxy import MediaProxy
+from devstack import Postgres, Synapse
+from devstack.postgres import PostgresDatabase
+from devstack.proxy import MediaProxy
 from tests.faults import FaultProxy
 from tests.integration.conftest import TEST_PROXY_CONFIG
 from tests.integration.media import bearer, evict, request, store_file, upload

@@ -17,10 +17,10 @@ import time
 
 import pytest
 
+from devstack.proxy import MediaProxy
+from devstack.seaweed import SeaweedFS
+from devstack.synapse import Synapse
 from media_proxy import paths
-from media_proxy.devstack.proxy import MediaProxy
-from media_proxy.devstack.seaweed import SeaweedFS
-from media_proxy.devstack.synapse import Synapse
 from tests.faults import FaultProxy
 from tests.integration.media import (
     Answer,

@@ -16,7 +16,7 @@ from typing import Any
 import botocore.exceptions
 import pytest
 
-from media_proxy.devstack import (
+from devstack import (
     PostgresDatabase,
     SeaweedFS,
     SqliteDatabase,

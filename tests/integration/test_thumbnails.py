@@ -12,10 +12,10 @@ import time
 
 import pytest
 
+from devstack.proxy import MediaProxy
+from devstack.samples import png
+from devstack.synapse import Synapse
 from media_proxy import paths
-from media_proxy.devstack.proxy import MediaProxy
-from media_proxy.devstack.samples import png
-from media_proxy.devstack.synapse import Synapse
 from tests.faults import FaultProxy
 from tests.integration.media import Media, bearer, request, settle_fills, sql, upload
 from tests.integration.test_serving import differential

@@ -15,7 +15,7 @@ from typing import Any, Self
 
 import yaml
 
-from media_proxy.devstack.procs import LOOPBACK, ManagedProcess, free_port
+from devstack.procs import LOOPBACK, ManagedProcess, free_port
 from media_proxy.server import HEALTH_PATH
 
 

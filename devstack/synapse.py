@@ -24,11 +24,11 @@ from typing import Any, Final
 
 import yaml
 
-from media_proxy.devstack.postgres import PostgresDatabase
-from media_proxy.devstack.procs import LOOPBACK, ManagedProcess, Part, StartupError, free_port
-from media_proxy.devstack.seaweed import S3Config
+from devstack.postgres import PostgresDatabase
+from devstack.procs import LOOPBACK, ManagedProcess, Part, StartupError, free_port
+from devstack.seaweed import S3Config
 
-REPO_ROOT: Final = Path(__file__).resolve().parents[2]
+REPO_ROOT: Final = Path(__file__).resolve().parents[1]
 DEFAULT_SERVER_NAME: Final = "devstack.test"
 _DIRECT: Final = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 

@@ -12,9 +12,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from media_proxy.devstack.postgres import Postgres
-from media_proxy.devstack.seaweed import S3Config, SeaweedFS
-from media_proxy.devstack.synapse import DEFAULT_SERVER_NAME, Synapse
+from devstack.postgres import Postgres
+from devstack.seaweed import S3Config, SeaweedFS
+from devstack.synapse import DEFAULT_SERVER_NAME, Synapse
 
 
 class Stack:

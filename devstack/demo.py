@@ -30,17 +30,17 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from media_proxy.devstack.nginx import Nginx
-from media_proxy.devstack.procs import (
+from devstack.nginx import Nginx
+from devstack.procs import (
     ManagedProcess,
     stop_all,
 )
-from media_proxy.devstack.proxy import MediaProxy
-from media_proxy.devstack.samples import Sample, samples
-from media_proxy.devstack.seaweed import SeaweedFS
-from media_proxy.devstack.synapse import Synapse, local_content_key
+from devstack.proxy import MediaProxy
+from devstack.samples import Sample, samples
+from devstack.seaweed import SeaweedFS
+from devstack.synapse import Synapse, local_content_key
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 USER, PASSWORD = "demo", "demo-password"
 PROXY_WORKERS = 2
 
@@ -251,7 +251,7 @@ def _running_demo(pid_file: Path) -> int | None:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
         return None
-    return pid if pid != os.getpid() and b"media_proxy.devstack.demo" in cmdline else None
+    return pid if pid != os.getpid() and b"devstack.demo" in cmdline else None
 
 
 def start_stack(work: Path, progress: Progress, parts: Parts) -> DemoStack:

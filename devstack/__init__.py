@@ -5,11 +5,11 @@ real parts rather than mocks. Start one part (``SeaweedFS(dir).start()``) or the
 (``Stack(dir).start()``); every process is stopped by PID, and at interpreter exit at the latest.
 """
 
-from media_proxy.devstack.postgres import Postgres, PostgresDatabase
-from media_proxy.devstack.procs import ManagedProcess, StartupError, free_port, stop_all
-from media_proxy.devstack.seaweed import S3Config, SeaweedFS, s3_client
-from media_proxy.devstack.stack import Stack
-from media_proxy.devstack.synapse import (
+from devstack.postgres import Postgres, PostgresDatabase
+from devstack.procs import ManagedProcess, StartupError, free_port, stop_all
+from devstack.seaweed import S3Config, SeaweedFS, s3_client
+from devstack.stack import Stack
+from devstack.synapse import (
     Database,
     SqliteDatabase,
     Synapse,

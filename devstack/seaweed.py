@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from media_proxy.devstack.procs import LOOPBACK, ManagedProcess, Part, free_port
+from devstack.procs import LOOPBACK, ManagedProcess, Part, free_port
 
 # SeaweedFS derives each gRPC port as HTTP port + 10000 where it is not told otherwise.
 GRPC_OFFSET: Final = 10000

@@ -15,9 +15,9 @@ from pathlib import Path
 from types import ModuleType
 from typing import Self
 
-from media_proxy.devstack.procs import LOOPBACK, ManagedProcess, StartupError, free_port, tail
+from devstack.procs import LOOPBACK, ManagedProcess, StartupError, free_port, tail
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 def load_renderer() -> ModuleType:

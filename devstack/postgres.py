@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from media_proxy.devstack.procs import LOOPBACK, ManagedProcess, Part, free_port
+from devstack.procs import LOOPBACK, ManagedProcess, Part, free_port
 
 SUPERUSER: Final = "postgres"
 # initdb and postgres refuse to run as root; as root we run them as this OS user.
