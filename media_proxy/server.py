@@ -35,6 +35,7 @@ log = structlog.get_logger("media_proxy")
 
 HEALTH_PATH: Final = "/_media_proxy/health"
 _CRASH_LOOP_S: Final = 5.0
+_STOP_SIGNALS: Final = frozenset({signal.SIGTERM, signal.SIGINT})
 
 
 class Proxy:
@@ -154,21 +155,54 @@ def make_app(config: Config) -> web.Application:
     return app
 
 
-def _run_worker(config: Config, *, reuse_port: bool) -> None:
-    web.run_app(
-        make_app(config),
-        host=config.listen_host,
-        port=config.listen_port,
-        reuse_port=reuse_port,
-        access_log=None,
-        print=None,
-        handler_cancellation=False,
-        shutdown_timeout=5,
-    )
+def _run_worker(config: Config, *, reuse_port: bool) -> str:
+    """Serve until SIGTERM or SIGINT, then shut down once; return the signal's name.
+
+    A stop often reaches a worker twice (Ctrl-C and `systemctl stop` signal the whole process
+    group, and the supervisor passes the stop on): aiohttp's `run_app` raises `GracefulExit`
+    on each signal, so a second one broke its clean-up with a traceback. Here a signal only
+    sets an event. Stop signals arrive blocked (see `serve`) and are unblocked once the loop
+    handles them, so one sent during start-up is a clean stop too.
+    """
+
+    async def run() -> str:
+        loop = asyncio.get_running_loop()
+        stopped = asyncio.Event()
+        received: list[str] = []
+
+        def on_signal(sig: signal.Signals) -> None:
+            received.append(sig.name)
+            stopped.set()
+
+        for sig in _STOP_SIGNALS:
+            loop.add_signal_handler(sig, on_signal, sig)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        runner = web.AppRunner(
+            make_app(config),
+            access_log=None,
+            handler_cancellation=False,
+            shutdown_timeout=5,
+            keepalive_timeout=75,
+        )
+        await runner.setup()
+        try:
+            site = web.TCPSite(
+                runner, config.listen_host, config.listen_port, reuse_port=reuse_port
+            )
+            await site.start()
+            await stopped.wait()
+        finally:
+            await runner.cleanup()
+        return received[0]
+
+    return asyncio.run(run())
 
 
 def serve(config: Config) -> int:
     """Run the server in the foreground until SIGTERM or SIGINT."""
+    # Held until a handler is in place (`_run_worker`, `_supervise`): a stop during start-up
+    # is then a clean stop, not a KeyboardInterrupt.
+    signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     if config.s3 is not None:
         config.cache_path.mkdir(parents=True, exist_ok=True)
         removed = Filler(config.cache_path, S3(config.s3), chunk_size=1).prepare()
@@ -184,19 +218,25 @@ def serve(config: Config) -> int:
         s3_bucket=config.s3.bucket if config.s3 else None,
     )
     if config.workers == 1:
-        _run_worker(config, reuse_port=False)
+        log.info("server.stop", signal=_run_worker(config, reuse_port=False))
         return 0
     return _supervise(config)
 
 
 def _supervise(config: Config) -> int:
-    """Fork the workers, restart any that die, and pass stop signals on to them."""
+    """Fork the workers, restart any that die, and pass stop signals on to them.
+
+    Exit status 0 means a signal asked for the stop and every worker then exited cleanly.
+    """
     children: dict[int, int] = {}
     started_at: dict[int, float] = {}
-    stopping = False
+    received: list[str] = []
     failed = False
 
     def spawn(slot: int) -> None:
+        # The child starts with stop signals blocked (serve blocked them; the parent's handler
+        # must never run in a worker); `_run_worker` unblocks them once its loop handles them.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         pid = os.fork()
         if pid == 0:
             code = 1
@@ -210,17 +250,20 @@ def _supervise(config: Config) -> int:
         children[pid] = slot
         started_at[pid] = time.monotonic()
 
-    def stop(signum: int, _frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+    def stop_workers() -> None:
         for pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
+    def on_signal(signum: int, _frame: object) -> None:
+        received.append(signal.Signals(signum).name)
+        stop_workers()
+
+    for sig in _STOP_SIGNALS:
+        signal.signal(sig, on_signal)
     for slot in range(config.workers):
         spawn(slot)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     while children:
         try:
             pid, status = os.wait()
@@ -231,15 +274,22 @@ def _supervise(config: Config) -> int:
         if pid not in children:
             continue
         slot = children.pop(pid)
-        if stopping:
+        code = os.waitstatus_to_exitcode(status)
+        if received or failed:
+            if code != 0:
+                failed = True
+                log.warning("worker.died", pid=pid, status=code)
             continue
-        log.warning("worker.died", pid=pid, status=status)
+        log.warning("worker.died", pid=pid, status=code)
         if time.monotonic() - started_at.pop(pid) < _CRASH_LOOP_S:
             # dying right after start is a set-up problem, not bad luck: stop the others
             failed = True
-            stop(signal.SIGTERM, None)
+            stop_workers()
             continue
         spawn(slot)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    if received:
+        log.info("server.stop", signal=received[0])
     return 1 if failed else 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -190,6 +191,36 @@ def test_sigterm_stops_every_worker(synapse: Synapse, tmp_path: Path, workers: i
     assert len(children) == workers
     assert server.process.stop(timeout=10) == 0
     assert not any(Path(f"/proc/{c}").exists() for c in children)
+
+
+@pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_group_signal_is_a_clean_stop(
+    synapse_sqlite: Synapse, tmp_path: Path, stop_signal: signal.Signals
+) -> None:
+    """Ctrl-C on a terminal and `systemctl stop` signal every process of the group at once:
+    the workers get the signal from there and again from the supervisor."""
+    server = MediaProxy(
+        tmp_path,
+        synapse_config=synapse_sqlite.config_path,
+        synapse_url=synapse_sqlite.url,
+        workers=3,
+    ).start()
+    assert server.process is not None
+    pid = server.process.pid
+    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    assert len(children) == 3
+    os.killpg(pid, stop_signal)  # the proxy leads its own session (ManagedProcess)
+    assert server.process.popen.wait(timeout=20) == 0
+    assert not any(Path(f"/proc/{c}").exists() for c in children)
+    lines = [
+        line
+        for line in server.log_path.read_text().splitlines()
+        if not line.startswith("=== ")  # ManagedProcess's own start line
+    ]
+    assert "Traceback" not in "\n".join(lines)
+    events = [json.loads(line) for line in lines]  # every line is one JSON event
+    assert [e for e in events if e["level"] not in ("debug", "info")] == []
+    assert [e["event"] for e in events].count("server.stop") == 1
 
 
 @pytest.fixture
