@@ -46,7 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _common(sub.add_parser("check", help="check configuration, database, S3, cache and Synapse"))
     _cache_commands(sub.add_parser("cache", help="the cache's upkeep: status, upload, evict"))
+    _bench_command(sub)
     return parser
+
+
+def _bench_command(sub: Any) -> None:
+    from media_proxy import bench
+
+    parser = sub.add_parser("bench", help="a bounded load of media downloads against a URL")
+    _common(parser)
+    bench.add_arguments(parser)
 
 
 def _cache_commands(cache: argparse.ArgumentParser) -> None:
@@ -141,6 +150,10 @@ def _cache(args: argparse.Namespace, config: Config) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "bench":  # its configuration is optional: loaded by bench itself
+        from media_proxy import bench
+
+        return bench.main(args)
     try:
         config = _load(args)
     except ConfigError as e:
