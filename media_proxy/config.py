@@ -34,11 +34,22 @@ SECRET_KEYS: Final = frozenset(
 
 
 class ConfigError(Exception):
-    """A configuration value the proxy cannot run with."""
+    """A configuration value the proxy cannot run with.
 
-    def __init__(self, source: str, key: str, problem: str) -> None:
-        super().__init__(f"{source}: {key}: {problem}")
+    `source` is a file, "command line" (then `key` is the flag) or "" (a value given nowhere);
+    `line` and `column` (1-based) place a YAML syntax error, as compilers and editors expect.
+    """
+
+    def __init__(
+        self, source: str, key: str, problem: str, *, line: int = 0, column: int = 0
+    ) -> None:
+        where = f"{source}:{line}:{column}" if line else source
+        super().__init__(": ".join(part for part in (where, key, problem) if part))
         self.source, self.key, self.problem = source, key, problem
+        self.line, self.column = line, column
+
+
+COMMAND_LINE: Final = "command line"
 
 
 @dataclass(frozen=True)
@@ -151,10 +162,18 @@ def parse_duration(value: object, *, source: str, key: str) -> float:
 
 
 def parse_listen(value: str, *, source: str, key: str = "listen") -> tuple[str, int]:
+    """HOST:PORT with an explicit host: `:8011` would quietly mean every interface."""
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not 0 < int(port) < 65536:
         raise ConfigError(source, key, f"expected HOST:PORT, got {value!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
+    if not host.strip("[]"):
+        raise ConfigError(
+            source,
+            key,
+            f"expected HOST:PORT with a host, got {value!r}: use 127.0.0.1:{port} (this"
+            f" machine only) or 0.0.0.0:{port} (every interface)",
+        )
+    return host.strip("[]"), int(port)
 
 
 _NOT_A_MAPPING: Final = "expected a mapping at the top level"
@@ -166,6 +185,14 @@ def _load_yaml(path: Path, *, key: str) -> dict[str, Any]:
             data = yaml.safe_load(f)
     except OSError as e:
         raise ConfigError(str(path), key, f"cannot read: {e.strerror}") from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        problem = (e.problem or "syntax error") + (f" ({e.context})" if e.context else "")
+        if mark is None:
+            raise ConfigError(str(path), key, f"not valid YAML: {problem}") from None
+        raise ConfigError(
+            str(path), "", f"not valid YAML: {problem}", line=mark.line + 1, column=mark.column + 1
+        ) from None
     except yaml.YAMLError as e:
         raise ConfigError(str(path), key, f"not valid YAML: {e}".splitlines()[0]) from None
     if data is None:
@@ -197,10 +224,19 @@ def read_synapse_config(paths: Sequence[Path]) -> dict[str, Any]:
 class _Reader:
     """Typed access to one mapping, with errors that name the file and the key."""
 
-    def __init__(self, data: Mapping[str, Any], source: str, prefix: str = "") -> None:
+    def __init__(
+        self,
+        data: Mapping[str, Any],
+        source: str,
+        prefix: str = "",
+        flags: Mapping[str, str] | None = None,
+    ) -> None:
         self.data, self.source, self.prefix = data, source, prefix
+        self.flags = flags or {}  # keys given on the command line -> their flag
 
     def error(self, key: str, problem: str) -> ConfigError:
+        if key in self.flags:
+            return ConfigError(COMMAND_LINE, self.flags[key], problem)
         return ConfigError(self.source, self.prefix + key, problem)
 
     def text(self, key: str, default: str | None = None) -> str | None:
@@ -350,12 +386,17 @@ def load(
     """Build the effective configuration; `overrides` are command-line values (None = unset)."""
     environ = os.environ if environ is None else environ
     own: dict[str, Any] = _load_yaml(config_file, key="--config") if config_file else {}
-    own_src = str(config_file) if config_file else "media-proxy config"
+    own_src = str(config_file) if config_file else ""
     for key in own:
         if key not in _OWN_KEYS:
             raise ConfigError(own_src, key, "unknown key")
     cli = {k: v for k, v in (overrides or {}).items() if v is not None and v != []}
     own.update(cli)
+    flags = {key: "--" + key.replace("_", "-") for key in cli}
+
+    def origin(key: str) -> tuple[str, str]:
+        """Where `own[key]` came from, for errors: a flag, or the config file's key."""
+        return (COMMAND_LINE, flags[key]) if key in flags else (own_src, key)
 
     hs_paths = [Path(p) for p in synapse_config] or [
         Path(p) for p in _as_list(own.get("synapse_config"), own_src)
@@ -432,10 +473,17 @@ def load(
     synapse_url = own.get("synapse_url")
     if synapse_url is None and not need_synapse_url:
         synapse_url = ""  # offline commands (`cache ...`) never talk to Synapse
+    elif synapse_url is None:
+        raise ConfigError(
+            own_src, "synapse_url", "required: set --synapse-url or synapse_url in the config file"
+        )
     elif not isinstance(synapse_url, str) or not re.match(r"^https?://", synapse_url):
-        raise ConfigError(own_src, "synapse_url", f"expected an http(s) URL, got {synapse_url!r}")
-    host, port = parse_listen(str(own.get("listen", "127.0.0.1:8011")), source=own_src)
-    r = _Reader(own, own_src)
+        raise ConfigError(*origin("synapse_url"), f"expected an http(s) URL, got {synapse_url!r}")
+    listen_src, listen_key = origin("listen")
+    host, port = parse_listen(
+        str(own.get("listen", "127.0.0.1:8011")), source=listen_src, key=listen_key
+    )
+    r = _Reader(own, own_src, flags=flags)
     workers = int(r.number("workers", 1, minimum=1))
     log_format = r.text("log_format", "auto")
     if log_format not in ("auto", "json", "console"):
@@ -445,6 +493,7 @@ def load(
         raise r.error(
             "accel_redirect", f"expected a location like /_media_proxy_cache/, got {accel!r}"
         )
+    max_size_src, max_size_key = origin("cache_max_size")
     max_size = own.get("cache_max_size")
     return Config(
         server_name=server_name,
@@ -473,7 +522,7 @@ def load(
         accel_redirect=accel or None,
         cache_max_size=None
         if max_size is None
-        else parse_size(max_size, source=own_src, key="cache_max_size"),
+        else parse_size(max_size, source=max_size_src, key=max_size_key),
         cache_min_age=parse_duration(
             own.get("cache_min_age", "1d"), source=own_src, key="cache_min_age"
         ),

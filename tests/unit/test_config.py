@@ -461,7 +461,7 @@ def test_database_password_env_is_for_postgres_only(tmp_path: Path) -> None:
 def test_local_storage_off_needs_a_cache_path(tmp_path: Path) -> None:
     hs = hs_file(tmp_path, "enable_local_media_storage: false\n")
     error = config_error(synapse_config=[hs], overrides=URL, environ={})
-    assert (error.source, error.key) == ("media-proxy config", "cache_path")
+    assert (error.source, error.key) == ("", "cache_path")  # given nowhere
     config = load(
         synapse_config=[hs], overrides={**URL, "cache_path": str(tmp_path / "c")}, environ={}
     )
@@ -493,6 +493,8 @@ def test_unknown_own_s3_key_is_refused(tmp_path: Path) -> None:
         ("listen: 'host:0'\n", "listen"),
         ("listen: 'host:65536'\n", "listen"),
         ("listen: 'host:http'\n", "listen"),
+        ("listen: ':8011'\n", "listen"),
+        ("listen: '[]:8011'\n", "listen"),
         ("workers: 0\n", "workers"),
         ("workers: '2'\n", "workers"),
         ("auth_cache_ttl: -1\n", "auth_cache_ttl"),
@@ -532,12 +534,22 @@ def test_bad_homeserver_values(tmp_path: Path, text: str, key: str) -> None:
     [
         ("127.0.0.1:8011", ("127.0.0.1", 8011)),
         ("[::1]:9000", ("::1", 9000)),
-        (":9000", ("0.0.0.0", 9000)),
+        ("0.0.0.0:9000", ("0.0.0.0", 9000)),
+        ("[::]:9000", ("::", 9000)),
         ("example.org:65535", ("example.org", 65535)),
     ],
 )
 def test_parse_listen(value: str, expected: tuple[str, int]) -> None:
     assert parse_listen(value, source="s") == expected
+
+
+def test_listen_without_a_host_is_refused_not_every_interface() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_listen(":8011", source="command line", key="--listen")
+    assert str(info.value) == (
+        "command line: --listen: expected HOST:PORT with a host, got ':8011': use"
+        " 127.0.0.1:8011 (this machine only) or 0.0.0.0:8011 (every interface)"
+    )
 
 
 def test_missing_server_name(tmp_path: Path) -> None:
@@ -549,7 +561,9 @@ def test_missing_server_name(tmp_path: Path) -> None:
 def test_missing_synapse_url(tmp_path: Path) -> None:
     hs = hs_file(tmp_path)
     error = config_error(synapse_config=[hs], environ={})
-    assert (error.source, error.key) == ("media-proxy config", "synapse_url")
+    assert (
+        str(error) == "synapse_url: required: set --synapse-url or synapse_url in the config file"
+    )
     # offline commands do not need it
     assert load(synapse_config=[hs], environ={}, need_synapse_url=False).synapse_url == ""
 
@@ -563,8 +577,6 @@ def test_missing_synapse_config(tmp_path: Path) -> None:
     ("content", "problem"),
     [
         (None, "cannot read"),  # no such file
-        ("server_name: [unclosed\n", "not valid YAML"),
-        ("server_name: a\n  bad: indent\n", "not valid YAML"),
         ("- a\n- b\n", "expected a mapping at the top level"),
     ],
 )
@@ -580,6 +592,27 @@ def test_unreadable_or_invalid_yaml(tmp_path: Path, content: str | None, problem
     own_error = config_error(config_file=path, synapse_config=[hs_file(tmp_path)], environ={})
     assert (own_error.source, own_error.key) == (str(path), "--config")
     assert own_error.problem.startswith(problem)
+
+
+@pytest.mark.parametrize(
+    ("content", "where", "problem"),
+    [
+        ("server_name: [unclosed\n", "2:1", "expected ',' or ']', but got '<stream end>'"),
+        ("server_name: a\n  bad: indent\n", "2:6", "mapping values are not allowed here"),
+        ("a: 1\nb: 2\n\tc: 3\n", "3:1", "found character '\\t' that cannot start any token"),
+    ],
+)
+def test_invalid_yaml_names_line_and_column(
+    tmp_path: Path, content: str, where: str, problem: str
+) -> None:
+    """file:line:column: message, the form editors and terminals jump to."""
+    path = write(tmp_path / "homeserver.yaml", content)
+    for error in (
+        config_error(synapse_config=[path], overrides=URL, environ={}),
+        config_error(config_file=path, synapse_config=[hs_file(tmp_path)], environ={}),
+    ):
+        assert str(error).startswith(f"{path}:{where}: not valid YAML: {problem}")
+        assert "\n" not in str(error)
 
 
 def test_own_config_that_is_a_directory(tmp_path: Path) -> None:
@@ -787,9 +820,10 @@ def test_cli_unknown_key(
 def test_cli_invalid_homeserver_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     hs = write(tmp_path / "homeserver.yaml", "server_name: [unclosed\nx: 1\n")
     assert cli.main(["check", "--synapse-config", str(hs), "--synapse-url", "http://x:1"]) == 2
-    line = one_line(capsys)
-    assert line.startswith(f"media-proxy: configuration error: {hs}: synapse_config: ")
-    assert "not valid YAML" in line
+    assert one_line(capsys) == (
+        f"media-proxy: configuration error: {hs}:2:2: not valid YAML: expected ',' or ']',"
+        " but got ':' (while parsing a flow sequence)"
+    )
 
 
 @pytest.mark.usefixtures("quiet_cli")
@@ -813,17 +847,39 @@ def test_cli_bad_flag_value(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     argv = ["serve", "--synapse-config", str(hs), "--synapse-url", "http://x:1"]
     assert cli.main([*argv, "--listen", "nowhere"]) == 2
     line = one_line(capsys)
-    assert line.startswith("media-proxy: configuration error: media-proxy config: listen: ")
+    assert line.startswith("media-proxy: configuration error: command line: --listen: ")
+    assert cli.main([*argv, "--listen", ":8011"]) == 2
+    assert "--listen: expected HOST:PORT with a host, got ':8011'" in one_line(capsys)
     assert cli.main([*argv, "--cache-max-size", "lots"]) == 2
-    assert "cache_max_size: expected a size" in one_line(capsys)
+    assert "command line: --cache-max-size: expected a size" in one_line(capsys)
+    assert cli.main([*argv, "--workers", "0"]) == 2
+    assert one_line(capsys) == (
+        "media-proxy: configuration error: command line: --workers: expected a number >= 1, got 0"
+    )
+    assert cli.main(["serve", "--synapse-config", str(hs), "--synapse-url", "ftp://x"]) == 2
+    assert "command line: --synapse-url: expected an http(s) URL" in one_line(capsys)
+
+
+@pytest.mark.usefixtures("quiet_cli")
+def test_cli_flag_over_a_config_file_is_named_as_the_flag(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    own = write(tmp_path / "proxy.yaml", "synapse_url: http://x:1\nworkers: 2\n")
+    hs = hs_file(tmp_path)
+    assert (
+        cli.main(["serve", "--config", str(own), "--synapse-config", str(hs), "--workers", "0"])
+        == 2
+    )
+    assert "command line: --workers: expected a number >= 1" in one_line(capsys)
 
 
 @pytest.mark.usefixtures("quiet_cli")
 def test_cli_missing_synapse_url(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     hs = hs_file(tmp_path)
     assert cli.main(["check", "--synapse-config", str(hs)]) == 2
-    assert one_line(capsys).startswith(
-        "media-proxy: configuration error: media-proxy config: synapse_url: "
+    assert one_line(capsys) == (
+        "media-proxy: configuration error: synapse_url: required: set --synapse-url or"
+        " synapse_url in the config file"
     )
 
 
