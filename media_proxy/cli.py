@@ -6,31 +6,46 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from media_proxy import __version__, logs
 from media_proxy.config import Config, ConfigError, load, parse_duration, parse_size
 
+# The shared configuration flags: every command accepts all of them, so the arguments of
+# `serve` work unchanged with `check` and the `cache` commands; each command's help lists
+# only those it uses.
+_CONFIG_FLAGS: Final[dict[str, dict[str, Any]]] = {
+    "--config": {"type": Path, "help": "media-proxy's own YAML config file"},
+    "--synapse-config": {
+        "type": Path,
+        "action": "append",
+        "default": [],
+        "help": "Synapse's homeserver.yaml (repeat for several files or config directories)",
+    },
+    "--synapse-url": {"help": "where Synapse listens, e.g. http://127.0.0.1:8008"},
+    "--listen": {"help": "HOST:PORT to listen on (default 127.0.0.1:8011)"},
+    "--workers": {"type": int, "help": "worker processes sharing the port"},
+    "--cache-path": {"help": "cache directory (default: Synapse's media store)"},
+    "--accel-redirect": {
+        "help": "nginx internal location for cache hits, e.g. /_media_proxy_cache/"
+    },
+    "--cache-max-size": {"help": "evict in the background to keep the cache under SIZE (e.g. 50G)"},
+    "--log-format": {
+        "choices": ("auto", "json", "console"),
+        "help": "auto (default): console on a terminal, else json",
+    },
+}
+# What the offline `cache` commands read: no Synapse, no listener.
+_CACHE_FLAGS: Final = frozenset({"--config", "--synapse-config", "--cache-path", "--log-format"})
 
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="media-proxy's own YAML config file")
-    parser.add_argument(
-        "--synapse-config",
-        type=Path,
-        action="append",
-        default=[],
-        help="Synapse's homeserver.yaml (repeat for several files or config directories)",
-    )
-    parser.add_argument("--synapse-url", help="where Synapse listens, e.g. http://127.0.0.1:8008")
-    parser.add_argument("--listen", help="HOST:PORT to listen on (default 127.0.0.1:8011)")
-    parser.add_argument("--workers", type=int, help="worker processes sharing the port")
-    parser.add_argument("--cache-path", help="cache directory (default: Synapse's media store)")
-    parser.add_argument(
-        "--accel-redirect", help="nginx internal location for cache hits, e.g. /_media_proxy_cache/"
-    )
-    parser.add_argument("--log-format", choices=("auto", "json", "console"))
+
+def _common(parser: argparse.ArgumentParser, uses: Collection[str] | None = None) -> None:
+    """Add every shared configuration flag; help shows those in `uses` (default: all)."""
+    for flag, options in _CONFIG_FLAGS.items():
+        shown = uses is None or flag in uses
+        parser.add_argument(flag, **{**options, **({} if shown else {"help": argparse.SUPPRESS})})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,11 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"media-proxy {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the proxy")
-    _common(serve)
-    serve.add_argument(
-        "--cache-max-size", help="evict in the background to keep the cache under SIZE (e.g. 50G)"
-    )
+    _common(sub.add_parser("serve", help="run the proxy"))
+    # check shows and checks the configuration serve would run with: it uses every flag
     _common(sub.add_parser("check", help="check configuration, database, S3, cache and Synapse"))
     _cache_commands(sub.add_parser("cache", help="the cache's upkeep: status, upload, evict"))
     _bench_command(sub)
@@ -81,20 +93,28 @@ def _cache_commands(cache: argparse.ArgumentParser) -> None:
         default="4M",
         help="read back and hash S3 objects up to SIZE when the DB has a sha256 (0: never)",
     )
-    for parser in (status, upload, evict):
-        _common(parser)
+    # status reports the budget (cache_max_size); evict's own --max-size defaults to it
+    for parser, uses in (
+        (status, _CACHE_FLAGS | {"--cache-max-size"}),
+        (upload, _CACHE_FLAGS),
+        (evict, _CACHE_FLAGS),
+    ):
+        _common(parser, uses)
         parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def _load(args: argparse.Namespace) -> Config:
     overrides: dict[str, Any] = {
-        "synapse_url": args.synapse_url,
-        "listen": args.listen,
-        "workers": args.workers,
-        "cache_path": args.cache_path,
-        "accel_redirect": args.accel_redirect,
-        "log_format": args.log_format,
-        "cache_max_size": getattr(args, "cache_max_size", None),
+        key: getattr(args, key, None)
+        for key in (
+            "synapse_url",
+            "listen",
+            "workers",
+            "cache_path",
+            "accel_redirect",
+            "log_format",
+            "cache_max_size",
+        )
     }
     return load(
         config_file=args.config,

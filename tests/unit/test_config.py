@@ -4,6 +4,7 @@ and command-line overrides; and the CLI's one-line configuration errors."""
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -957,3 +958,61 @@ def test_dynamic_thumbnails_is_read_from_homeserver_yaml(tmp_path: Path) -> None
     hs = hs_file(tmp_path / "c", "dynamic_thumbnails: sometimes\n")
     error = config_error(synapse_config=[hs], overrides=URL, environ={})
     assert (error.source, error.key) == (str(hs), "dynamic_thumbnails")
+
+
+# --- the same configuration flags for every command ---------------------------------------
+
+CONFIG_FLAGS = {
+    "--config",
+    "--synapse-config",
+    "--synapse-url",
+    "--listen",
+    "--workers",
+    "--cache-path",
+    "--accel-redirect",
+    "--cache-max-size",
+    "--log-format",
+}
+CACHE_FLAGS = {"--config", "--synapse-config", "--cache-path", "--log-format"}
+COMMANDS = [["serve"], ["check"], ["cache", "status"], ["cache", "upload"], ["cache", "evict"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_accepts_the_arguments_of_serve(tmp_path: Path, command: list[str]) -> None:
+    """README: run `check` (and the cache commands) with the arguments of `serve`."""
+    own = write(tmp_path / "proxy.yaml", "s3_chunk_size: 2M\n")
+    args = cli.build_parser().parse_args(
+        [
+            *command,
+            *("--config", str(own), "--synapse-config", str(hs_file(tmp_path))),
+            *("--synapse-url", "http://127.0.0.1:8008", "--listen", "127.0.0.1:9000"),
+            *("--workers", "2", "--cache-path", str(tmp_path / "cache")),
+            *("--accel-redirect", "/_cache/", "--cache-max-size", "50G", "--log-format", "json"),
+        ]
+    )
+    config = cli._load(args)
+    assert config.cache_max_size == 50 * 1024**3
+    assert (config.listen_host, config.listen_port, config.workers) == ("127.0.0.1", 9000, 2)
+    assert (config.cache_path, config.accel_redirect) == (tmp_path / "cache", "/_cache/")
+    assert (config.synapse_url, config.log_format) == ("http://127.0.0.1:8008", "json")
+    assert config.s3_chunk_size == 2 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("command", "shown"),
+    [
+        (["serve"], CONFIG_FLAGS),
+        (["check"], CONFIG_FLAGS),  # it shows and checks what serve would run with
+        (["cache", "status"], CACHE_FLAGS | {"--cache-max-size"}),  # reports the budget
+        (["cache", "upload"], CACHE_FLAGS),
+        (["cache", "evict"], CACHE_FLAGS),  # its own --max-size defaults to cache_max_size
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+def test_help_lists_only_the_flags_a_command_uses(
+    capsys: pytest.CaptureFixture[str], command: list[str], shown: set[str]
+) -> None:
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args([*command, "--help"])
+    text = capsys.readouterr().out
+    assert set(re.findall(r"--[a-z-]+", text)) & CONFIG_FLAGS == shown
