@@ -1,11 +1,16 @@
-"""`media-proxy check`: try each part for real and say, one line each, what works."""
+"""`media-proxy check`: try each part for real and say, one line each, what works.
+
+A check changes nothing: a missing database file or cache folder is reported as missing,
+never created (SQLite would create an empty database; serve creates the cache folder).
+"""
 
 from __future__ import annotations
 
 import asyncio
 import os
-import tempfile
+import pwd
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 
 import aiohttp
 import yaml
@@ -40,12 +45,33 @@ async def _s3(config: Config) -> str:
 
 
 async def _cache(config: Config) -> str:
-    config.cache_path.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=config.cache_path, prefix=".media-proxy-check-"):
-        pass
-    st = os.statvfs(config.cache_path)
-    free = st.f_bavail * st.f_frsize / 1024**3
-    return f"{config.cache_path} writable, {free:.1f} GiB free"
+    return await asyncio.to_thread(_cache_folder, config.cache_path)
+
+
+def _cache_folder(path: Path) -> str:
+    """Whether serve can write its fills into `path`, asked without writing anything."""
+    if not path.exists():
+        raise RuntimeError(f"{path} does not exist")
+    if not path.is_dir():
+        raise RuntimeError(f"{path} is not a directory")
+    fs = os.statvfs(path)
+    if fs.f_flag & os.ST_RDONLY:
+        raise RuntimeError(f"{path} is on a read-only filesystem")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise RuntimeError(f"{path} is not writable by {_user(os.geteuid())}")
+    free = fs.f_bavail * fs.f_frsize / 1024**3
+    owner = path.stat().st_uid
+    # root may write anywhere: say so, the proxy should run as the folder's owner
+    as_root = os.geteuid() == 0 and owner != 0
+    note = f" (checked as root; it belongs to {_user(owner)})" if as_root else ""
+    return f"{path} writable, {free:.1f} GiB free{note}"
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 async def _synapse(config: Config) -> str:

@@ -10,8 +10,10 @@ the proxy served.
 from __future__ import annotations
 
 import asyncio
+import os
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
@@ -154,7 +156,9 @@ class SqliteDatabase:
 
     @classmethod
     async def open(cls, path: str) -> SqliteDatabase:
-        conn = await aiosqlite.connect(path, timeout=SQLITE_BUSY_TIMEOUT_S)
+        # mode=rw: a wrong path is an error, never a new empty database beside Synapse's
+        uri = f"file:{urllib.parse.quote(path)}?mode=rw"
+        conn = await aiosqlite.connect(uri, uri=True, timeout=SQLITE_BUSY_TIMEOUT_S)
         await conn.execute(f"PRAGMA busy_timeout = {int(SQLITE_BUSY_TIMEOUT_S * 1000)}")
         return cls(conn)
 
@@ -322,7 +326,10 @@ def _asyncpg_args(args: dict[str, Any]) -> dict[str, Any]:
 async def open_database(config: DatabaseConfig) -> Database:
     try:
         if config.engine == "sqlite3":
-            return await SqliteDatabase.open(str(config.args["database"]))
+            path = str(config.args["database"])
+            if not await asyncio.to_thread(os.path.exists, path):
+                raise DatabaseError(f"{path} does not exist")
+            return await SqliteDatabase.open(path)
         return await PostgresDatabase.open(dict(config.args))
     except (OSError, sqlite3.Error, asyncpg.PostgresError) as e:
         raise DatabaseError(f"cannot open the {config.engine} database: {e}") from e

@@ -73,6 +73,39 @@ def test_check_names_what_fails(synapse: Synapse, tmp_path: Path) -> None:
     assert "wrong-secret" not in result.stdout
 
 
+def test_check_changes_nothing_and_says_what_does_not_exist(
+    synapse_sqlite: Synapse, tmp_path: Path
+) -> None:
+    """A wrong database path or cache folder is reported, never created (SQLite would create
+    an empty database, then report "no such table")."""
+    database, cache = tmp_path / "typo.db", tmp_path / "no-cache"
+    own = tmp_path / "proxy.yaml"
+    own.write_text(
+        yaml.safe_dump(
+            {
+                "database": {"name": "sqlite3", "args": {"database": str(database)}},
+                "cache_path": str(cache),
+            }
+        )
+    )
+    result = run_cli(
+        "check",
+        "--config",
+        str(own),
+        "--synapse-config",
+        str(synapse_sqlite.config_path),
+        "--synapse-url",
+        synapse_sqlite.url,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    failed = [line for line in result.stdout.splitlines() if line.startswith("FAIL")]
+    assert failed == [
+        f"FAIL  database: {database} does not exist",
+        f"FAIL  cache: {cache} does not exist",
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["proxy.yaml"]
+
+
 def test_bad_config_is_one_line_and_status_2(synapse: Synapse, tmp_path: Path) -> None:
     own = tmp_path / "proxy.yaml"
     own.write_text("workers: many\n")
