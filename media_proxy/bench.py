@@ -859,10 +859,10 @@ async def _command(args: argparse.Namespace, out: TextIO) -> int:
     return 0 if report["ok"] == report["requests"] else 1
 
 
-def main(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+def main(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """`media-proxy bench`: exit 0 when every answer verified, 1 otherwise, 2 on bad input."""
     try:
-        return asyncio.run(_command(args, out))
+        return asyncio.run(_command(args, out or sys.stdout))
     except (BenchError, ConfigError) as e:
         print(f"media-proxy: {e}", file=sys.stderr)
         return 2

@@ -66,7 +66,7 @@ def _bench_command(sub: Any) -> None:
     from media_proxy import bench
 
     parser = sub.add_parser("bench", help="a bounded load of media downloads against a URL")
-    _common(parser)
+    _common(parser, _CACHE_FLAGS)  # it reads the database, S3 and the store, as `cache` does
     bench.add_arguments(parser)
 
 
