@@ -18,6 +18,39 @@ import yaml
 from devstack.procs import LOOPBACK, ManagedProcess, free_port
 from media_proxy.server import HEALTH_PATH
 
+# Every MediaProxy started and not stopped yet: the tests check their logs after each test.
+RUNNING: set[MediaProxy] = set()
+
+
+class LogProblem(AssertionError):
+    """media-proxy printed a line that is not a JSON event, or a traceback."""
+
+    def __init__(self, path: Path, lines: list[str]) -> None:
+        shown = "\n".join(line[:2000] for line in lines[:10])
+        super().__init__(f"{len(lines)} problem line(s) in {path}:\n{shown}")
+        self.lines = lines
+
+
+_MARKER = "=== "  # ManagedProcess's own start/stop lines
+
+
+def _read_log(text: str) -> tuple[list[dict[str, Any]], list[str]]:
+    events: list[dict[str, Any]] = []
+    problems: list[str] = []
+    for line in text.splitlines():
+        if line.startswith(_MARKER):
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            problems.append(line)
+            continue
+        if not isinstance(event, dict) or "exception" in event or "Traceback" in line:
+            problems.append(line)
+        if isinstance(event, dict):
+            events.append(event)
+    return events, problems
+
 
 class MediaProxy:
     def __init__(
@@ -44,6 +77,7 @@ class MediaProxy:
         self.env = dict(env or {})
         self.extra_args = list(extra_args)
         self.process: ManagedProcess | None = None
+        self._checked = 0  # bytes of the log already checked by check_log
 
     def argv(self) -> list[str]:
         return [
@@ -75,21 +109,40 @@ class MediaProxy:
             log_path=self.log_path,
             env={**os.environ, **self.env},
         )
+        RUNNING.add(self)
         self.process.wait_for_http(self.url + HEALTH_PATH, timeout=timeout)
         return self
 
     def log_events(self) -> list[dict[str, Any]]:
-        """The JSON events the proxy has logged so far (its request log among them)."""
-        events: list[dict[str, Any]] = []
-        for line in self.log_path.read_text().splitlines():
-            if line.startswith("{"):
-                events.append(json.loads(line))
+        """The JSON events the proxy has logged so far (its request log among them).
+
+        Raises LogProblem on any line that is not a JSON event, or that carries a traceback:
+        the proxy's output must stay machine-readable, and an expected condition (a client
+        hang-up, S3 or Synapse down) is one event, never a traceback.
+        """
+        events, problems = _read_log(self.log_path.read_text())
+        if problems:
+            raise LogProblem(self.log_path, problems)
         return events
+
+    def check_log(self) -> None:
+        """Raise LogProblem for problem lines logged since the last check (see log_events)."""
+        if not self.log_path.exists():
+            return
+        with self.log_path.open() as log:
+            log.seek(self._checked)
+            text = log.read()
+        complete = text[: text.rfind("\n") + 1]  # a line being written is checked next time
+        self._checked += len(complete.encode())
+        _, problems = _read_log(complete)
+        if problems:
+            raise LogProblem(self.log_path, problems)
 
     def stop(self) -> None:
         if self.process is not None:
             self.process.stop()
             self.process = None
+            RUNNING.discard(self)
 
     def restart(self, **changes: Any) -> Self:
         """Stop, change attributes (e.g. config=..., workers=...), start again on the same port."""

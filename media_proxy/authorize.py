@@ -83,8 +83,13 @@ class Authorizer:
         self._inflight: Inflight[Denied | None] = Inflight()
 
     async def check(self, creds: Credentials, client_ip: str | None) -> Denied | None:
-        """None if allowed; raises SynapseUnavailable when Synapse cannot answer."""
-        key = creds.cache_key
+        """None if allowed; raises SynapseUnavailable when Synapse cannot answer.
+
+        Answers are keyed by everything Synapse's depends on: the token, the identity it
+        asserts, and the client's address (an appservice token is refused from outside its
+        `ip_range_whitelist`, so an answer for one address says nothing about another).
+        """
+        key = (creds.cache_key, client_ip)
         if key in self._allowed:
             return None
         denied = self._denied.get(key)

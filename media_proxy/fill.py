@@ -30,16 +30,18 @@ import os
 import secrets
 import time
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
 
 import structlog
 
 from media_proxy import paths
-from media_proxy.s3 import S3, S3Error
+from media_proxy.s3 import S3, S3Error, S3Unavailable
 
 log = structlog.get_logger(__name__)
 
 HOLDBACK: Final = 1
+# Chunks up to this size are written and hashed on the loop: a thread hop costs more.
+_INLINE_WRITE_MAX: Final = 64 * 1024
 _FOLLOW_POLL_MIN: Final = 0.002
 _FOLLOW_POLL_MAX: Final = 0.05
 _ACQUIRE_ATTEMPTS: Final = 50
@@ -50,11 +52,37 @@ _libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c
 
 
 class FillUnavailable(Exception):
-    """The fill could not start (not in S3, S3 error, size mismatch): ask Synapse."""
+    """The fill could not start (not in S3, S3 error, size mismatch): ask Synapse.
+
+    `unavailable` is set when S3 itself could not answer (down, failing, slow, breaker
+    open): Synapse's provider would hang on the same S3, so the caller may answer an error.
+    `retry` is set when the process followed had died before sending anything: the caller
+    asks again and leads the fill itself.
+    """
+
+    def __init__(
+        self, message: str, *, unavailable: S3Unavailable | None = None, retry: bool = False
+    ) -> None:
+        super().__init__(message)
+        self.unavailable = unavailable
+        self.retry = retry
 
 
-class NoSpace(FillUnavailable):
-    """The cache cannot hold the file now; the caller streams from S3 without caching."""
+class CannotCache(FillUnavailable):
+    """The cache cannot take the file now (disk full or failing, read-only, no hard links);
+    the caller streams it from S3 uncached, with the same verification."""
+
+
+class NoSpace(CannotCache):
+    """The cache's disk is full."""
+
+
+class Busy(FillUnavailable):
+    """Too many fills in flight: in this worker, or (`per_client`) for one client address."""
+
+    def __init__(self, message: str, *, per_client: bool) -> None:
+        super().__init__(message)
+        self.per_client = per_client
 
 
 class FillFailed(Exception):
@@ -119,7 +147,12 @@ class Fill:
     def fail(self, error: BaseException) -> None:
         self.error = error
         if not self._started.done():
-            self._started.set_exception(FillUnavailable(str(error)))
+            if isinstance(error, FillUnavailable):
+                unavailable: FillUnavailable = error
+            else:
+                cause = error if isinstance(error, S3Unavailable) else None
+                unavailable = FillUnavailable(str(error), unavailable=cause)
+            self._started.set_exception(unavailable)
             self._started.exception()  # retrieved: nobody may be waiting
         self._notify()
 
@@ -150,8 +183,11 @@ def reserve(fd: int, length: int) -> None:
             raise OSError(err, os.strerror(err))
 
 
-def _write_at(fd: int, data: bytes, offset: int) -> None:
-    """pwrite, never write: sendfile on the shared descriptor moves its file position."""
+def _write_at(fd: int, data: bytes, offset: int, hasher: Any = None) -> None:
+    """pwrite, never write: sendfile on the shared descriptor moves its file position.
+    Hashes the chunk too, so one thread hop does both."""
+    if hasher is not None:
+        hasher.update(data)
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)
@@ -206,17 +242,30 @@ def _break_stale(fd: int, path: str) -> bool:
 class Filler:
     """The process's view of all fills into one cache directory."""
 
-    def __init__(self, cache_root: Path, s3: S3, *, chunk_size: int) -> None:
+    def __init__(
+        self,
+        cache_root: Path,
+        s3: S3,
+        *,
+        chunk_size: int,
+        max_fills: int = 64,
+        max_fills_per_client: int = 8,
+    ) -> None:
         self.cache_root = cache_root
         self.fill_dir = cache_root / paths.FILL_DIR
         self.s3 = s3
         self.chunk_size = chunk_size
+        # A fill runs to its end even when its clients hang up: these bound what one worker,
+        # and one client address, can set going at once (joining a fill is always free).
+        self.max_fills = max_fills
+        self.max_fills_per_client = max_fills_per_client
+        self._leading: dict[str, str | None] = {}  # rel -> the client address that started it
+        self._cannot_cache_logged: dict[str, float] = {}
         umask = os.umask(0)
         os.umask(umask)
         self.file_mode = 0o666 & ~umask  # what Synapse's open(path, "wb") would give
         self._fills: dict[str, Fill] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._no_space_logged = 0.0
 
     def prepare(self) -> int:
         """Create the fill directory and remove what crashed fills left; returns the count."""
@@ -234,24 +283,29 @@ class Filler:
                 os.close(fd)
         return removed
 
-    async def open(self, rel: str, length: int, sha256: str | None) -> Fill | None:
+    async def open(
+        self, rel: str, length: int, sha256: str | None, *, client: str | None = None
+    ) -> Fill | None:
         """The fill for `rel` (the caller must `release` it), or None if the file is now
-        complete in the store."""
+        complete in the store. Raises CannotCache when the cache cannot take it, Busy past
+        the caps on fills this worker leads."""
         fill = self._fills.get(rel)
         if fill is None:
             final = paths.in_store(str(self.cache_root), rel)
-            role, fd = self._acquire(rel, final, length)
+            try:
+                role, fd = self._acquire(rel, final, length)
+            except OSError as e:
+                raise self._cannot_cache(rel, length, e) from e
             if role == "hit":
                 return None
             if role == "lead":
+                self._check_caps(rel, fd, client)
                 try:
                     reserve(fd, length)
                 except OSError as e:
                     self._abandon(rel, fd)
-                    if _is_no_space(e):
-                        self._log_no_space(rel, length)
-                        raise NoSpace(str(e)) from e
-                    raise
+                    raise self._cannot_cache(rel, length, e) from e
+                self._leading[rel] = client
             fill = Fill(rel, final, length, fd)
             self._fills[rel] = fill
             driver = self._lead(fill, sha256) if role == "lead" else self._follow(fill)
@@ -261,18 +315,39 @@ class Filler:
         fill.readers += 1
         return fill
 
+    def _check_caps(self, rel: str, fd: int, client: str | None) -> None:
+        if len(self._leading) >= self.max_fills:
+            self._abandon(rel, fd)
+            raise Busy(f"{len(self._leading)} fills in flight in this worker", per_client=False)
+        if client is not None:
+            mine = sum(1 for c in self._leading.values() if c == client)
+            if mine >= self.max_fills_per_client:
+                self._abandon(rel, fd)
+                raise Busy(f"{mine} fills in flight for {client}", per_client=True)
+
+    @property
+    def in_flight(self) -> int:
+        """Fills this worker leads now."""
+        return len(self._leading)
+
     def _abandon(self, rel: str, fd: int) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.fill_dir / paths.fill_name(rel))
         os.close(fd)  # drops the lock
 
-    def _log_no_space(self, rel: str, length: int) -> None:
+    def _cannot_cache(self, rel: str, length: int, error: OSError) -> CannotCache:
+        """The disk said no: log it once per interval and kind, and stream uncached."""
+        kind = "no_space" if _is_no_space(error) else errno.errorcode.get(error.errno or 0, "?")
         now = time.monotonic()
-        if now - self._no_space_logged >= _NO_SPACE_LOG_INTERVAL_S:
-            self._no_space_logged = now
+        if now - self._cannot_cache_logged.get(kind, -_NO_SPACE_LOG_INTERVAL_S) >= (
+            _NO_SPACE_LOG_INTERVAL_S
+        ):
+            self._cannot_cache_logged[kind] = now
+            event = "cache_fill.no_space" if kind == "no_space" else "cache_fill.cannot_cache"
             log.warning(
-                "cache_fill.no_space", rel=rel, bytes=length, detail="serving from S3 uncached"
+                event, rel=rel, bytes=length, error=str(error), detail="serving from S3 uncached"
             )
+        return (NoSpace if kind == "no_space" else CannotCache)(str(error))
 
     def _acquire(self, rel: str, final: str, length: int) -> tuple[str, int]:
         name = str(self.fill_dir / paths.fill_name(rel))
@@ -291,6 +366,11 @@ class Filler:
             except FileExistsError:
                 os.close(fd)
                 os.unlink(private)
+            except OSError:  # no hard links here (EPERM, EOPNOTSUPP, EMLINK): cannot cache
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(private)
+                raise
             else:
                 os.unlink(private)
                 if complete(final, length):  # a fill finished since our first look
@@ -317,6 +397,8 @@ class Filler:
         try:
             try:
                 obj = await self.s3.open(fill.rel)
+            except S3Unavailable as e:
+                raise FillUnavailable(str(e), unavailable=e) from e
             except S3Error as e:
                 raise FillUnavailable(str(e)) from e
             if obj is None:
@@ -329,9 +411,10 @@ class Filler:
             async for chunk in obj.chunks(self.chunk_size):
                 if written + len(chunk) > fill.length:
                     raise FillFailed("S3 sent more bytes than it announced")
-                _write_at(fill.fd, chunk, written)
-                if hasher is not None:
-                    hasher.update(chunk)
+                if len(chunk) <= _INLINE_WRITE_MAX:
+                    _write_at(fill.fd, chunk, written, hasher)
+                else:  # hashing and writing a large chunk would stall every other request
+                    await asyncio.to_thread(_write_at, fill.fd, chunk, written, hasher)
                 written += len(chunk)
                 fill.publish(written)
             if written != fill.length:
@@ -359,14 +442,19 @@ class Filler:
                 obj.close()
             fcntl.flock(fill.fd, fcntl.LOCK_UN)
             self._fills.pop(fill.rel, None)
+            self._leading.pop(fill.rel, None)
             fill._close_if_unused()
 
     async def _follow(self, fill: Fill) -> None:
+        """Read another process's fill as it grows. Clients are promised bytes only once
+        the leader shows it is alive (the file grew while we watched, or it completed): a
+        dead leader's file, or one being broken by a third process, never starts a 200."""
         delay = _FOLLOW_POLL_MIN
+        first_size = os.fstat(fill.fd).st_size
         try:
             while True:
                 size = os.fstat(fill.fd).st_size
-                if size > fill.available:
+                if size > fill.available and size > first_size:
                     fill.started()
                     fill.publish(min(size, fill.length))
                     delay = _FOLLOW_POLL_MIN
@@ -375,7 +463,11 @@ class Filler:
                     if _same_file(fill.fd, fill.final_path) and size == fill.length:
                         fill.succeed()
                     else:
-                        fill.fail(FillFailed("the process leading this fill gave up"))
+                        fill.fail(
+                            FillFailed("the process leading this fill gave up")
+                            if fill.available
+                            else FillUnavailable("the leader is gone", retry=True)
+                        )
                     return
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, _FOLLOW_POLL_MAX)

@@ -16,6 +16,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from media_proxy import respond
 from media_proxy.authorize import Credentials, Denied, SynapseUnavailable
 from media_proxy.headers import error_body, error_headers
 
@@ -49,6 +50,19 @@ def end_to_end(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     )
 
 
+def from_synapse(headers: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """Synapse's response headers as passed on: end to end, and no `X-Accel-*`.
+
+    nginx acts on X-Accel-* headers from its upstream (X-Accel-Redirect serves any file in
+    an internal location; Limit-Rate, Buffering, Expires and Charset change how it sends).
+    On the media routes that upstream is media-proxy, and only media-proxy may give nginx
+    such instructions: Synapse never sends them, so any that come from it are dropped.
+    """
+    return CIMultiDict(
+        (k, v) for k, v in end_to_end(headers).items() if not k.lower().startswith("x-accel-")
+    )
+
+
 def client_ip(request: web.BaseRequest) -> str | None:
     """The client's address as Synapse should see it: the first hop nginx recorded, if any."""
     forwarded = request.headers.get("X-Forwarded-For")
@@ -58,11 +72,23 @@ def client_ip(request: web.BaseRequest) -> str | None:
 
 
 class SynapseClient:
-    def __init__(self, base_url: str, *, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        connect_timeout: float = 10.0,
+        read_timeout: float = 120.0,
+        max_connections: int = 256,
+    ) -> None:
+        """`connect_timeout` also bounds the wait for a free pooled connection, so a hung
+        Synapse that holds all `max_connections` makes new requests fail fast (504) instead
+        of piling up; `read_timeout` bounds each wait for Synapse's next bytes."""
         self.base_url = base_url.rstrip("/")
         self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
-            timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout),
+            connector=aiohttp.TCPConnector(limit=max_connections, keepalive_timeout=30),
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=connect_timeout, sock_read=read_timeout
+            ),
             auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept", "Content-Type"),
         )
@@ -87,23 +113,28 @@ class SynapseClient:
                 data=request.content if has_body else None,
                 allow_redirects=False,
             )
+        except TimeoutError as e:
+            log.warning("synapse.timeout", error=str(e) or type(e).__name__)
+            return synapse_error(504, "Synapse did not answer in time: try again later")
         except (aiohttp.ClientError, OSError) as e:
+            if _client_gone(request):
+                raise respond.ClientGone("client hung up during its upload") from e
             log.warning("synapse.unreachable", error=str(e) or type(e).__name__)
             return bad_gateway()
         async with upstream:
             response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-            response.headers.update(end_to_end(upstream.headers))
-            await response.prepare(request)
+            response.headers.update(from_synapse(upstream.headers))
+            await respond.prepare(request, response)
             if request.method != "HEAD":
                 try:
                     async for chunk in upstream.content.iter_chunked(_CHUNK):
-                        await response.write(chunk)
-                except (aiohttp.ClientError, OSError):
-                    # Synapse broke off mid-body: the client must see a broken response too.
-                    if request.transport is not None:
-                        request.transport.abort()
-                    return response
-            await response.write_eof()
+                        await respond.write(request, chunk)
+                except (aiohttp.ClientError, OSError, TimeoutError) as e:
+                    # Synapse broke off (or stalled) mid-body: the client must see a broken
+                    # response too.
+                    detail = str(e) or type(e).__name__
+                    raise respond.Aborted(detail, cause="synapse") from e
+            await respond.finish(request)
             return response
 
     async def whoami(self, creds: Credentials, client_ip: str | None) -> Denied | None:
@@ -133,10 +164,16 @@ class SynapseClient:
         raise SynapseUnavailable(f"whoami answered {resp.status}")
 
 
-def bad_gateway() -> web.Response:
-    response = web.Response(
-        status=502, body=error_body("M_UNKNOWN", "Synapse is unreachable: try again later")
-    )
+def _client_gone(request: web.BaseRequest) -> bool:
+    return request.transport is None or request.transport.is_closing()
+
+
+def synapse_error(status: int, message: str) -> web.Response:
+    response = web.Response(status=status, body=error_body("M_UNKNOWN", message))
     for name, value in error_headers([]):
         response.headers[name] = value
     return response
+
+
+def bad_gateway() -> web.Response:
+    return synapse_error(502, "Synapse is unreachable: try again later")

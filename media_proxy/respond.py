@@ -1,16 +1,21 @@
 """Step 4: write the answer, exactly as Synapse would, with the bytes sent zero-copy.
 
 Headers are decided before a byte is sent (headers.py); then the body goes out with
-`sendfile` from the store file, or from the growing fill file for a miss. A source that
-breaks after the headers went out aborts the connection: a client never gets a clean short
-200. aiohttp's FileResponse is not used: it adds ETag, Last-Modified and Range handling
-that Synapse does not have.
+`sendfile` from the store file, or from the growing fill file for a miss. Once headers are
+out (`started`), the only honest answer to any failure is to abort the connection: a
+client never gets a clean short 200, nor a second response after the first. Every byte
+sent is counted, so a store file that shrinks while it is sent aborts too. aiohttp's
+FileResponse is not used: it adds ETag, Last-Modified and Range handling that Synapse does
+not have.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
+from dataclasses import dataclass
+from typing import Final
 
 from aiohttp import web
 
@@ -18,9 +23,90 @@ from media_proxy import headers as h
 from media_proxy.fill import Fill, FillFailed
 from media_proxy.s3 import S3Object
 
+_STATE: Final = "media_proxy.sending"
+# Chunks under this are hashed on the loop: a thread hop costs more than hashing them.
+_HASH_INLINE_MAX: Final = 64 * 1024
 
-class ClientGone(Exception):
+
+class Aborted(Exception):
+    """The response had started and could not be finished: the connection was aborted.
+
+    `cause` is what broke: client (hung up), store (the file changed under us), fill (S3's
+    body was cut short or wrong), s3 (an uncached S3 stream broke) or error (anything else).
+    """
+
+    cause = "error"
+
+    def __init__(self, detail: str = "", *, cause: str | None = None) -> None:
+        super().__init__(detail)
+        if cause is not None:
+            self.cause = cause
+
+
+class ClientGone(Aborted):
     """The client hung up; nothing more to send."""
+
+    cause = "client"
+
+
+class Refused(Exception):
+    """An error the proxy answers itself, before any byte: S3 down, too many fills."""
+
+    def __init__(
+        self, status: int, errcode: str, message: str, *, retry_after_ms: int | None = None
+    ) -> None:
+        super().__init__(f"{status} {errcode}: {message}")
+        self.status, self.errcode, self.message = status, errcode, message
+        self.retry_after_ms = retry_after_ms
+
+    def body(self) -> bytes:
+        extra = {} if self.retry_after_ms is None else {"retry_after_ms": self.retry_after_ms}
+        return h.error_body(self.errcode, self.message, **extra)
+
+
+@dataclass(slots=True)
+class Sending:
+    """A response whose headers are (being) written, and the body bytes sent so far."""
+
+    response: web.StreamResponse
+    sent: int = 0
+
+
+def started(request: web.BaseRequest) -> Sending | None:
+    """The response this request has started, if any: after that point it cannot change."""
+    state: Sending | None = request.get(_STATE)
+    return state
+
+
+async def prepare(request: web.BaseRequest, response: web.StreamResponse) -> Sending:
+    """Write the status line and headers; from here on a failure can only abort."""
+    state = Sending(response)
+    request[_STATE] = state
+    try:
+        await response.prepare(request)
+    except (ConnectionError, RuntimeError) as e:  # "Cannot write to closing transport"
+        raise ClientGone(str(e)) from e
+    return state
+
+
+async def write(request: web.BaseRequest, data: bytes | memoryview) -> None:
+    """Body bytes through aiohttp's writer, counted; a hang-up becomes ClientGone."""
+    state = started(request)
+    assert state is not None, "prepare() first"
+    try:
+        await state.response.write(data)
+    except (ConnectionError, RuntimeError) as e:
+        raise ClientGone(str(e)) from e
+    state.sent += len(data)
+
+
+async def finish(request: web.BaseRequest) -> None:
+    state = started(request)
+    assert state is not None, "prepare() first"
+    try:
+        await state.response.write_eof()
+    except (ConnectionError, RuntimeError) as e:
+        raise ClientGone(str(e)) from e
 
 
 class _FdFile:
@@ -54,7 +140,8 @@ class _FdFile:
 
 
 def _sendfile_now(transport: asyncio.Transport, fd: int, offset: int, count: int) -> int:
-    """One direct sendfile on the socket when nothing is queued before it; returns bytes sent.
+    """One direct sendfile on the socket when nothing is queued before it; returns bytes sent
+    (0 also at the file's end: the caller counts).
 
     loop.sendfile always costs an extra loop iteration and two epoll changes, even when the
     socket takes the whole file at once, as it does for most media on a local network.
@@ -70,28 +157,36 @@ def _sendfile_now(transport: asyncio.Transport, fd: int, offset: int, count: int
         raise ClientGone from e
 
 
-async def _sendfile(request: web.Request, fd: int, offset: int, count: int) -> None:
+async def _sendfile(request: web.BaseRequest, fd: int, offset: int, count: int) -> None:
+    """Send `count` bytes of `fd` from `offset`, or raise Aborted: a file that ends early
+    (Synapse rewrites store files in place) must never look like a complete body."""
+    state = started(request)
+    assert state is not None, "prepare() first"
     transport = request.transport
     if transport is None or transport.is_closing():
-        raise ClientGone
+        raise ClientGone("transport closed")
     sent = _sendfile_now(transport, fd, offset, count)
+    state.sent += sent
     if sent == count:
         return
     # The rest in one call: it waits for writability itself, so clients still interleave,
     # and every extra call would pause, drain and resume the transport again (measured: 4 MiB
     # calls halved the throughput of a 20 MiB hit).
     try:
-        await asyncio.get_running_loop().sendfile(
+        rest = await asyncio.get_running_loop().sendfile(
             transport,
             _FdFile(fd),  # type: ignore[arg-type]
             offset + sent,
             count - sent,
         )
     except (ConnectionError, RuntimeError) as e:  # RuntimeError: "Transport is closing"
-        raise ClientGone from e
+        raise ClientGone(str(e)) from e
+    state.sent += rest
+    if sent + rest != count:
+        raise Aborted(f"file ended {count - sent - rest} bytes early", cause="store")
 
 
-def abort(request: web.Request) -> None:
+def abort(request: web.BaseRequest) -> None:
     if request.transport is not None:
         request.transport.abort()
 
@@ -104,10 +199,10 @@ async def error(
     for name, value in h.error_headers(servlet):
         response.headers.add(name, value)
     response.enable_chunked_encoding()
-    await response.prepare(request)
+    await prepare(request, response)
     if request.method != "HEAD":
-        await response.write(body)
-    await response.write_eof()
+        await write(request, body)
+    await finish(request)
     return response
 
 
@@ -115,8 +210,8 @@ async def not_modified(request: web.Request, headers: h.Headers) -> web.StreamRe
     response = web.StreamResponse(status=304)
     for name, value in headers:
         response.headers.add(name, value)
-    await response.prepare(request)
-    await response.write_eof()
+    await prepare(request, response)
+    await finish(request)
     return response
 
 
@@ -124,7 +219,7 @@ async def _start(request: web.Request, media_headers: h.Headers) -> web.StreamRe
     response = web.StreamResponse(status=200)
     for name, value in media_headers:
         response.headers.add(name, value)
-    await response.prepare(request)
+    await prepare(request, response)
     return response
 
 
@@ -135,7 +230,7 @@ async def file(
     response = await _start(request, media_headers)
     if request.method != "HEAD" and length:
         await _sendfile(request, fd, 0, length)
-    await response.write_eof()
+    await finish(request)
     return response
 
 
@@ -157,32 +252,47 @@ async def fill(request: web.Request, media_headers: h.Headers, fill: Fill) -> we
         while offset < fill.length:
             try:
                 end = await fill.wait_beyond(offset)
-            except FillFailed:
-                abort(request)
-                return response
+            except FillFailed as e:
+                raise Aborted(str(e), cause="fill") from e
             await _sendfile(request, fill.fd, offset, end - offset)
             offset = end
-    await response.write_eof()
+    await finish(request)
     return response
 
 
 async def stream(
     request: web.Request, media_headers: h.Headers, body: S3Object, chunk_size: int
 ) -> web.StreamResponse:
-    """Uncached: S3's body straight to the client; a short body aborts the client."""
+    """Uncached: S3's body straight to the client, held to the fill's rules: the last byte
+    goes out only once length and sha256 (when the database has one) are verified."""
     response = await _start(request, media_headers)
-    if request.method != "HEAD":
-        sent = 0
+    if request.method != "HEAD" and body.length:
+        hasher = hashlib.sha256() if body.sha256 else None
+        held = b""
+        received = 0
         try:
             async for chunk in body.chunks(chunk_size):
-                await response.write(chunk)
-                sent += len(chunk)
-        except (ConnectionError, RuntimeError) as e:
-            raise ClientGone from e
-        except Exception:
-            sent = -1
-        if sent != body.length:
-            abort(request)
-            return response
-    await response.write_eof()
+                received += len(chunk)
+                if received > body.length:
+                    raise Aborted("S3 sent more bytes than it announced", cause="s3")
+                if hasher is not None:
+                    if len(chunk) <= _HASH_INLINE_MAX:
+                        hasher.update(chunk)
+                    else:
+                        await asyncio.to_thread(hasher.update, chunk)
+                if held:
+                    await write(request, held)
+                if len(chunk) > 1:
+                    await write(request, memoryview(chunk)[:-1])
+                held = chunk[-1:]
+        except Aborted:
+            raise
+        except Exception as e:  # S3's stream broke: botocore, aiohttp and socket errors
+            raise Aborted(f"S3 body broke: {e!r}", cause="s3") from e
+        if received != body.length:
+            raise Aborted(f"S3 body ended after {received} of {body.length} bytes", cause="s3")
+        if hasher is not None and body.sha256 and hasher.hexdigest() != body.sha256.lower():
+            raise Aborted("sha256 of the S3 object differs from the database's", cause="s3")
+        await write(request, held)
+    await finish(request)
     return response

@@ -16,10 +16,14 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import aiobotocore.session
+import structlog
 from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
+from media_proxy.breaker import Breaker
 from media_proxy.config import S3Config
+
+log = structlog.get_logger(__name__)
 
 _NOT_FOUND = frozenset({"404", "NoSuchKey", "NotFound"})
 # boto3's upload_file (what the provider uses) goes multipart from 8 MiB, in 8 MiB parts.
@@ -31,12 +35,23 @@ class S3Error(Exception):
     """S3 failed (not "no such key"): the caller falls back to Synapse."""
 
 
+class S3Unavailable(S3Error):
+    """S3 is down, refusing, failing (5xx) or too slow, or the breaker is open: asking
+    Synapse would only tie up its thread pool on the same dead S3."""
+
+    def __init__(self, message: str, *, timeout: bool = False) -> None:
+        super().__init__(message)
+        self.timeout = timeout
+
+
 @dataclass(slots=True)
 class S3Object:
-    """An open GetObject response; iterate `chunks` once, then `close`."""
+    """An open GetObject response; iterate `chunks` once, then `close`. `sha256` is the
+    database's hash of the object when known, for whoever streams it to verify."""
 
     length: int
     _body: Any
+    sha256: str | None = None
 
     async def chunks(self, size: int) -> AsyncIterator[bytes]:
         while True:
@@ -54,6 +69,8 @@ class S3:
         self.config = config
         self._stack = AsyncExitStack()
         self._client: Any = None
+        # Serving-path GETs only: an upkeep command should see every error, not a shortcut.
+        self.breaker = Breaker(threshold=config.breaker_threshold, cooldown=config.breaker_cooldown)
 
     async def start(self) -> None:
         c = self.config
@@ -95,15 +112,36 @@ class S3:
         }
 
     async def open(self, rel: str) -> S3Object | None:
-        """Start a GET; None when the key does not exist."""
+        """Start a GET; None when the key does not exist. Raises S3Unavailable within
+        `config.timeout` (retries included), at once while the breaker is open."""
+        if not self.breaker.allow():
+            raise S3Unavailable(f"GetObject {rel}: S3 failed repeatedly, not asked for now")
         key = self.key(rel)
-        resp = await self._call(
-            "GetObject",
-            key,
-            self._client.get_object(Bucket=self.config.bucket, Key=key, **self._sse()),
-            missing_ok=True,
-        )
+        try:
+            async with asyncio.timeout(self.config.timeout):
+                resp = await self._call(
+                    "GetObject",
+                    key,
+                    self._client.get_object(Bucket=self.config.bucket, Key=key, **self._sse()),
+                    missing_ok=True,
+                )
+        except TimeoutError as e:
+            self._failed(S3Unavailable(f"GetObject {key}: no answer in time", timeout=True))
+            raise S3Unavailable(f"GetObject {key}: no answer in time", timeout=True) from e
+        except S3Unavailable as e:
+            self._failed(e)
+            raise
+        except BaseException:
+            self.breaker.success()  # S3 answered (or we gave up): it is not down
+            raise
+        self.breaker.success()
         return None if resp is None else S3Object(int(resp["ContentLength"]), resp["Body"])
+
+    def _failed(self, error: S3Unavailable) -> None:
+        if self.breaker.failure():
+            log.warning(
+                "s3.breaker_open", error=str(error), retry_in_s=self.config.breaker_cooldown
+            )
 
     async def size(self, rel: str) -> int | None:
         """The object's size, or None when it does not exist."""
@@ -218,9 +256,62 @@ class S3:
         except ClientError as e:
             if missing_ok and _error_code(e) in _NOT_FOUND:
                 return None
+            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+            if int(status) >= 500:
+                raise S3Unavailable(f"{what} {key}: {status} {_error_code(e)}") from e
             raise S3Error(f"{what} {key}: {_error_code(e)}") from e
-        except (BotoCoreError, OSError, TimeoutError) as e:
-            raise S3Error(f"{what} {key}: {e}") from e
+        except TimeoutError as e:
+            raise S3Unavailable(f"{what} {key}: timed out", timeout=True) from e
+        except (BotoCoreError, OSError) as e:
+            raise S3Unavailable(f"{what} {key}: {e}") from e
+
+    # The media lifecycle (lifecycle.py): listing pages with dates, batched deletes.
+
+    async def list_pages(
+        self, rel_prefix: str = "", *, page_size: int = 1000
+    ) -> AsyncIterator[list[tuple[str, int, float]]]:
+        """Pages of (store path, size, LastModified as epoch seconds) under `prefix +
+        rel_prefix`, in the listing's (key) order: one ListObjectsV2 call per page."""
+        prefix = self.key(rel_prefix)
+        token: str | None = None
+        while True:
+            extra = {"ContinuationToken": token} if token else {}
+            page = await self._call(
+                "ListObjectsV2",
+                prefix,
+                self._client.list_objects_v2(
+                    Bucket=self.config.bucket, Prefix=prefix, MaxKeys=page_size, **extra
+                ),
+            )
+            cut = len(self.config.prefix)
+            yield [
+                (o["Key"][cut:], int(o["Size"]), o["LastModified"].timestamp())
+                for o in page.get("Contents", [])
+            ]
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+
+    async def delete_objects(self, rels: list[str]) -> dict[str, str]:
+        """Delete the objects of these store paths (DeleteObjects, Quiet, up to 1000 keys a
+        request); returns {store path: error code} for each key S3 refused. Deleting a key
+        that does not exist is a success in S3, so a re-run is harmless."""
+        errors: dict[str, str] = {}
+        cut = len(self.config.prefix)
+        batch = 1000  # DeleteObjects' limit
+        for i in range(0, len(rels), batch):
+            keys = [self.key(rel) for rel in rels[i : i + batch]]
+            resp = await self._call(
+                "DeleteObjects",
+                keys[0],
+                self._client.delete_objects(
+                    Bucket=self.config.bucket,
+                    Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True},
+                ),
+            )
+            for err in resp.get("Errors", []):
+                errors[str(err.get("Key", ""))[cut:]] = str(err.get("Code", "unknown"))
+        return errors
 
 
 def _error_code(error: ClientError) -> str:

@@ -34,6 +34,7 @@ from types import FrameType
 import pytest
 
 from devstack import Postgres, SeaweedFS, Synapse
+from devstack.proxy import RUNNING
 from tests.faults import FaultProxy
 
 PASSWORD = "devstack-password"
@@ -56,6 +57,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if integration_dir in Path(item.path).parents:
             item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(autouse=True)
+def _proxy_logs_stay_clean() -> Iterator[None]:
+    """Fail the test during which a running media-proxy printed a traceback or a line that
+    is not a JSON event (devstack.proxy.LogProblem)."""
+    for proxy in list(RUNNING):
+        proxy.check_log()  # what earlier tests left is theirs
+    yield
+    for proxy in list(RUNNING):
+        proxy.check_log()
 
 
 @pytest.fixture(scope="session")

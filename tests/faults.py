@@ -23,7 +23,10 @@ Faults, switchable at any time from any thread (they apply to requests arriving 
 - latency: sleep before forwarding the first bytes of each matching response;
 - cut: forward only the first N bytes of a matching response (status line and headers
   included), then close both sides, so the client sees an incomplete body;
-- down: stop listening, so new connections are refused, and close the open ones.
+- down: stop listening, so new connections are refused, and close the open ones;
+- stall: forward the first N bytes of a matching response, then hold the rest until
+  ``clear_faults()`` (a server that hangs mid-body); ``wait_stalled(k)`` returns once k
+  responses are held, a point a test can key to instead of a sleep.
 All public methods are thread-safe and work from synchronous or async tests alike.
 """
 
@@ -135,6 +138,7 @@ class _Conn:
         self.upstream: asyncio.StreamWriter | None = None
         self.latency = 0.0  # to apply before the next response bytes
         self.cut_left: int | None = None  # bytes of the current response still allowed
+        self.stall_left: int | None = None  # bytes of the current response before a stall
 
     def abort(self) -> None:
         for writer in (self.client, self.upstream):
@@ -158,6 +162,10 @@ class FaultProxy:
         self._latency = 0.0
         self._latency_match: Match | None = None
         self._cuts: list[_Cut] = []
+        self._stalls: list[_Cut] = []
+        self._stalled = 0
+        self._stall_changed = threading.Condition(self._lock)
+        self._release: asyncio.Event | None = None
         self._down = False
         self._conns: set[_Conn] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -179,6 +187,7 @@ class FaultProxy:
         async def main() -> None:
             self._loop = asyncio.get_running_loop()
             self._stopped = asyncio.Event()
+            self._release = asyncio.Event()
             try:
                 await self._listen()
             except BaseException as err:
@@ -257,6 +266,7 @@ class FaultProxy:
         with self._lock:
             self._requests.clear()
             self._connections = 0
+            self._stalled = 0
 
     # --- faults ---------------------------------------------------------------------------
 
@@ -271,6 +281,19 @@ class FaultProxy:
         """Cut matching responses after ``nbytes`` bytes; ``times`` limits how many (None: all)."""
         with self._lock:
             self._cuts.append(_Cut(nbytes, match, times))
+
+    def stall_after(
+        self, nbytes: int, *, match: Match | None = None, times: int | None = None
+    ) -> None:
+        """Hold matching responses after ``nbytes`` bytes until ``clear_faults()``."""
+        with self._lock:
+            self._stalls.append(_Cut(nbytes, match, times))
+
+    def wait_stalled(self, count: int = 1, timeout: float = 30.0) -> None:
+        """Return once ``count`` responses have been held by a stall (since the last reset)."""
+        with self._stall_changed:
+            if not self._stall_changed.wait_for(lambda: self._stalled >= count, timeout):
+                raise TimeoutError(f"{self._stalled} of {count} responses stalled")
 
     def set_down(self, down: bool = True) -> None:
         """Down: refuse new connections and close open ones. Up: listen again, same port."""
@@ -290,7 +313,15 @@ class FaultProxy:
         with self._lock:
             self._latency, self._latency_match = 0.0, None
             self._cuts.clear()
+            self._stalls.clear()
+        if self._loop is not None:
+            self._call(self._release_stalls)
         self.set_down(False)
+
+    async def _release_stalls(self) -> None:
+        assert self._release is not None
+        self._release.set()
+        self._release = asyncio.Event()
 
     def _arm(self, conn: _Conn, req: Request) -> None:
         """Record a request and set up the faults for its response."""
@@ -303,6 +334,13 @@ class FaultProxy:
                     if cut.times is not None:
                         cut.times -= 1
                     conn.cut_left = cut.after
+                    break
+            conn.stall_left = None
+            for stall in self._stalls:
+                if (stall.times is None or stall.times > 0) and _matches(stall.match, req):
+                    if stall.times is not None:
+                        stall.times -= 1
+                    conn.stall_left = stall.after
                     break
 
     # --- forwarding -----------------------------------------------------------------------
@@ -361,5 +399,19 @@ class FaultProxy:
                         await conn.client.drain()
                     return  # the caller closes both sides
                 conn.cut_left -= len(data)
+            if conn.stall_left is not None:
+                if len(data) >= conn.stall_left:
+                    head, data = data[: conn.stall_left], data[conn.stall_left :]
+                    conn.client.write(head)
+                    await conn.client.drain()
+                    conn.stall_left = None
+                    assert self._release is not None
+                    release = self._release
+                    with self._stall_changed:
+                        self._stalled += 1
+                        self._stall_changed.notify_all()
+                    await release.wait()
+                else:
+                    conn.stall_left -= len(data)
             conn.client.write(data)
             await conn.client.drain()

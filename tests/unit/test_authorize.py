@@ -277,11 +277,22 @@ async def test_allowed_is_cached_for_ttl(clock: Clock) -> None:
     assert await auth.check(ALICE, "10.0.0.1") is None
     assert synapse.calls == [(ALICE, "10.0.0.1")]
     clock.now += 9.9
-    assert await auth.check(ALICE, "10.0.0.2") is None
+    assert await auth.check(ALICE, "10.0.0.1") is None
     assert len(synapse.calls) == 1
     clock.now += 0.2  # past the 10 s ttl
-    assert await auth.check(ALICE, "10.0.0.3") is None
-    assert synapse.calls[1:] == [(ALICE, "10.0.0.3")]
+    assert await auth.check(ALICE, "10.0.0.1") is None
+    assert synapse.calls[1:] == [(ALICE, "10.0.0.1")]
+
+
+async def test_answers_are_per_client_address(clock: Clock) -> None:
+    """An appservice token is accepted only from its ip_range_whitelist: Synapse's answer
+    for one address must never be reused for another."""
+    auth, synapse = make({"alice-token": None})
+    assert await auth.check(ALICE, "10.0.0.1") is None
+    synapse.answers["alice-token"] = UNKNOWN  # as Synapse answers outside the whitelist
+    assert await auth.check(ALICE, "192.0.2.7") == UNKNOWN
+    assert await auth.check(ALICE, "10.0.0.1") is None  # the first address's answer stands
+    assert synapse.calls == [(ALICE, "10.0.0.1"), (ALICE, "192.0.2.7")]
 
 
 async def test_denied_is_cached_for_failure_ttl_only(clock: Clock) -> None:
@@ -332,7 +343,7 @@ async def test_cache_is_bounded(clock: Clock) -> None:
 async def test_concurrent_checks_make_one_call(clock: Clock) -> None:
     auth, synapse = make({"alice-token": None, "bob-token": UNKNOWN})
     synapse.gate = asyncio.Event()
-    alice = [asyncio.create_task(auth.check(ALICE, f"10.0.0.{i}")) for i in range(5)]
+    alice = [asyncio.create_task(auth.check(ALICE, "10.0.0.1")) for _ in range(5)]
     bob = [asyncio.create_task(auth.check(BOB, None)) for _ in range(3)]
     await asyncio.sleep(0.01)
     assert [c for c, _ in synapse.calls] == [ALICE, BOB]
