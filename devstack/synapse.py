@@ -3,6 +3,11 @@
 Synapse runs from its own virtualenv (its dependencies clash with ours), with the S3 storage
 provider pointing at the dev stack's SeaweedFS, and with rate limits lifted so that tests and
 benchmarks measure media serving rather than Synapse's throttling.
+
+With ``federation=True`` it also federates over loopback: a TLS listener (self-signed
+certificate made here) for the federation and key APIs, a server name ``127.0.0.1:<that
+port>`` (an IP literal with a port, which Synapse connects to directly: no DNS, SRV or
+.well-known), certificates not verified and 127.0.0.1 allowed as a destination.
 """
 
 from __future__ import annotations
@@ -127,8 +132,13 @@ class Synapse(Part):
         extra_config: Mapping[str, Any] | None = None,
         log_level: str = "INFO",
         python: str | None = None,
+        federation: bool = False,
     ) -> None:
         self.workdir = workdir.resolve()
+        # The TLS port other homeservers reach this one on (None: no federation listener).
+        self.federation_port = free_port() if federation else None
+        if federation and server_name == DEFAULT_SERVER_NAME:
+            server_name = f"{LOOPBACK}:{self.federation_port}"
         self.server_name = server_name
         self.database: Database = database or SqliteDatabase(self.workdir / "homeserver.db")
         self.s3 = s3
@@ -184,6 +194,47 @@ class Synapse(Part):
             }
         ]
 
+    def _federation_config(self) -> dict[str, Any]:
+        """The TLS listener and the settings that let two loopback homeservers federate."""
+        if self.federation_port is None:
+            return {}
+        cert, key = self.workdir / "tls.crt", self.workdir / "tls.key"
+        if not cert.exists():
+            _self_signed_certificate(self.python, cert, key)
+        return {
+            "tls_certificate_path": str(cert),
+            "tls_private_key_path": str(key),
+            "federation_verify_certificates": False,
+            # Synapse refuses private addresses as destinations unless allowed. The whitelist
+            # does not reach IP-literal server names (its BlocklistingAgentWrapper is given
+            # the blocklist only), hence an empty federation blocklist.
+            "ip_range_whitelist": [LOOPBACK],
+            "federation_ip_range_blacklist": [],
+        }
+
+    def _listeners(self) -> list[dict[str, Any]]:
+        listeners: list[dict[str, Any]] = [
+            {
+                "port": self.port,
+                "bind_addresses": [LOOPBACK],
+                "type": "http",
+                "tls": False,
+                "x_forwarded": True,
+                "resources": [{"names": ["client", "federation"], "compress": False}],
+            }
+        ]
+        if self.federation_port is not None:
+            listeners.append(
+                {
+                    "port": self.federation_port,
+                    "bind_addresses": [LOOPBACK],
+                    "type": "http",
+                    "tls": True,
+                    "resources": [{"names": ["federation"], "compress": False}],
+                }
+            )
+        return listeners
+
     def write_config(self) -> dict[str, Any]:
         """Generate homeserver.yaml once (keys, secrets), then (re)write the keys we control."""
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -219,16 +270,7 @@ class Synapse(Part):
             {
                 "server_name": self.server_name,
                 "pid_file": str(self.workdir / "homeserver.pid"),
-                "listeners": [
-                    {
-                        "port": self.port,
-                        "bind_addresses": [LOOPBACK],
-                        "type": "http",
-                        "tls": False,
-                        "x_forwarded": True,
-                        "resources": [{"names": ["client", "federation"], "compress": False}],
-                    }
-                ],
+                "listeners": self._listeners(),
                 "database": self._database_config(),
                 "log_config": str(log_config),
                 "media_store_path": str(self.media_store_path),
@@ -241,6 +283,7 @@ class Synapse(Part):
                 "max_upload_size": "256M",
                 "media_storage_providers": self._storage_providers(),
                 **RELAXED_RATE_LIMITS,
+                **self._federation_config(),
             }
         )
         config.update(self.extra_config)
@@ -361,6 +404,54 @@ class Synapse(Part):
     def local_media_path(self, media_id: str) -> Path:
         """Where Synapse keeps a local upload in its media store."""
         return self.media_store_path / local_content_key(media_id)
+
+
+_CERTIFICATE_SCRIPT: Final = """
+import datetime, ipaddress, sys
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+key = ec.generate_private_key(ec.SECP256R1())
+name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+now = datetime.datetime.now(datetime.timezone.utc)
+cert = (
+    x509.CertificateBuilder()
+    .subject_name(name)
+    .issuer_name(name)
+    .public_key(key.public_key())
+    .serial_number(x509.random_serial_number())
+    .not_valid_before(now - datetime.timedelta(days=1))
+    .not_valid_after(now + datetime.timedelta(days=30))
+    .add_extension(
+        x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+        critical=False,
+    )
+    .sign(key, hashes.SHA256())
+)
+open(sys.argv[1], "wb").write(cert.public_bytes(serialization.Encoding.PEM))
+open(sys.argv[2], "wb").write(
+    key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+)
+"""
+
+
+def _self_signed_certificate(python: str, cert: Path, key: Path) -> None:
+    """A throwaway certificate for 127.0.0.1, made with the `cryptography` package Synapse
+    ships with (so no openssl binary is needed)."""
+    made = subprocess.run(
+        [python, "-c", _CERTIFICATE_SCRIPT, str(cert), str(key)],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    if made.returncode != 0:
+        raise StartupError(f"making a TLS certificate with {python} failed:\n{made.stderr}")
 
 
 def local_content_key(media_id: str) -> str:

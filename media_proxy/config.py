@@ -93,6 +93,9 @@ class Config:
     enable_local_media_storage: bool = True
     enable_authenticated_media: bool = True
     dynamic_thumbnails: bool = False
+    # Remote origins: None = federate with all; outside the whitelist 403, prevented 404.
+    federation_domain_whitelist: tuple[str, ...] | None = None
+    prevent_media_downloads_from: tuple[str, ...] = ()
     max_upload_size: int = 50 * 1024 * 1024
     synapse_config: tuple[Path, ...] = ()
     listen_host: str = "127.0.0.1"
@@ -370,6 +373,8 @@ _OWN_KEYS: Final = frozenset(
         "enable_local_media_storage",
         "enable_authenticated_media",
         "dynamic_thumbnails",
+        "federation_domain_whitelist",
+        "prevent_media_downloads_from",
         "max_upload_size",
     }
 )
@@ -432,6 +437,14 @@ def load(
     ):
         if not isinstance(value, bool):
             raise ConfigError(where, key, f"expected true or false, got {value!r}")
+    whitelist_value, src = pick("federation_domain_whitelist")
+    whitelist = (
+        None
+        if whitelist_value is None
+        else _server_names(whitelist_value, src, "federation_domain_whitelist")
+    )
+    prevented_value, src = pick("prevent_media_downloads_from")
+    prevented = _server_names(prevented_value or [], src, "prevent_media_downloads_from")
     max_upload, src = pick("max_upload_size", "50M")
     max_upload_size = parse_size(max_upload, source=src, key="max_upload_size")
 
@@ -505,6 +518,8 @@ def load(
         enable_local_media_storage=enable_local,
         enable_authenticated_media=auth_media,
         dynamic_thumbnails=dynamic,
+        federation_domain_whitelist=whitelist,
+        prevent_media_downloads_from=prevented,
         max_upload_size=max_upload_size,
         synapse_config=tuple(p.absolute() for p in hs_paths),
         listen_host=host,
@@ -536,6 +551,13 @@ def load(
         log_level=r.text("log_level", "info") or "info",
         sources=(own_src, hs_src),
     )
+
+
+def _server_names(value: Any, source: str, key: str) -> tuple[str, ...]:
+    """A list of server names, compared by Synapse exactly (case and port included)."""
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ConfigError(source, key, f"expected a list of server names, got {value!r}")
+    return tuple(value)
 
 
 def _as_list(value: Any, source: str) -> list[str]:

@@ -69,6 +69,45 @@ def _local_from_row(media_id: str, row: Any) -> LocalMedia:
 
 
 @dataclass(frozen=True, slots=True)
+class RemoteMedia:
+    """A `remote_media_cache` row: media Synapse fetched from `origin` and keeps under
+    `filesystem_id` (chosen locally; the origin's media id never forms a path)."""
+
+    origin: str
+    media_id: str
+    media_type: str | None
+    media_length: int | None
+    upload_name: str | None
+    filesystem_id: str
+    quarantined_by: str | None
+    authenticated: bool
+    sha256: str | None
+
+
+_REMOTE_COLUMNS: Final = (
+    "media_type, media_length, upload_name, filesystem_id, quarantined_by, authenticated, sha256"
+)
+_REMOTE_MEDIA: Final = (
+    f"SELECT {_REMOTE_COLUMNS} FROM remote_media_cache"
+    " WHERE media_origin = {} AND media_id = {}"
+)
+
+
+def _remote_from_row(origin: str, media_id: str, row: Any) -> RemoteMedia:
+    return RemoteMedia(
+        origin=origin,
+        media_id=media_id,
+        media_type=row[0],
+        media_length=row[1],
+        upload_name=row[2],
+        filesystem_id=row[3],
+        quarantined_by=row[4],
+        authenticated=bool(row[5]),
+        sha256=row[6],
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class StoreRow:
     """What the cache's upkeep (inventory, eviction, upload) needs from one media row."""
 
@@ -97,6 +136,17 @@ class ThumbnailRow:
 _LOCAL_THUMBNAILS: Final = (
     "SELECT thumbnail_width, thumbnail_height, thumbnail_type, thumbnail_method,"
     " thumbnail_length FROM local_media_repository_thumbnails WHERE media_id = {}"
+)
+
+# Synapse's remote query (no ORDER BY either). Its rows' own filesystem_id is not used for
+# paths: Synapse builds them from the media row's (`respond_remote_thumbnail`).
+_REMOTE_THUMBNAILS: Final = (
+    "SELECT thumbnail_width, thumbnail_height, thumbnail_type, thumbnail_method,"
+    " thumbnail_length FROM remote_media_cache_thumbnails"
+    " WHERE media_origin = {} AND media_id = {}"
+)
+_TOUCH_REMOTE: Final = (
+    "UPDATE remote_media_cache SET last_access_ts = {} WHERE media_origin = {} AND media_id = {}"
 )
 
 # Bulk reads for the cache's upkeep: local rows by their (indexed) media_id, in batches;
@@ -140,6 +190,9 @@ class Database(Protocol):
     async def local_media(self, media_id: str) -> LocalMedia | None: ...
     async def local_thumbnails(self, media_id: str) -> list[ThumbnailRow]: ...
     async def touch_local(self, media_ids: list[str], now_ms: int) -> None: ...
+    async def remote_media(self, origin: str, media_id: str) -> RemoteMedia | None: ...
+    async def remote_thumbnails(self, origin: str, media_id: str) -> list[ThumbnailRow]: ...
+    async def touch_remote(self, keys: list[tuple[str, str]], now_ms: int) -> None: ...
     async def can_write(self) -> bool: ...
     async def store_local_rows(self, media_ids: Sequence[str]) -> dict[str, StoreRow]: ...
     async def store_local_thumbnails(self, media_ids: Sequence[str]) -> list[ThumbnailRow]: ...
@@ -178,6 +231,24 @@ class SqliteDatabase:
             await self._conn.executemany(
                 "UPDATE local_media_repository SET last_access_ts = ? WHERE media_id = ?",
                 [(now_ms, m) for m in media_ids],
+            )
+            await self._conn.commit()
+        except sqlite3.Error as e:
+            await self._conn.rollback()
+            raise DatabaseError(str(e)) from e
+
+    async def remote_media(self, origin: str, media_id: str) -> RemoteMedia | None:
+        rows = await self._all(_REMOTE_MEDIA.format("?", "?"), (origin, media_id))
+        return _remote_from_row(origin, media_id, rows[0]) if rows else None
+
+    async def remote_thumbnails(self, origin: str, media_id: str) -> list[ThumbnailRow]:
+        rows = await self._all(_REMOTE_THUMBNAILS.format("?", "?"), (origin, media_id))
+        return [_thumbnail_row(media_id, origin, "", r) for r in rows]
+
+    async def touch_remote(self, keys: list[tuple[str, str]], now_ms: int) -> None:
+        try:
+            await self._conn.executemany(
+                _TOUCH_REMOTE.format("?", "?", "?"), [(now_ms, o, m) for o, m in keys]
             )
             await self._conn.commit()
         except sqlite3.Error as e:
@@ -260,6 +331,22 @@ class PostgresDatabase:
         except (TimeoutError, asyncpg.PostgresError, OSError) as e:
             raise DatabaseError(str(e)) from e
 
+    async def remote_media(self, origin: str, media_id: str) -> RemoteMedia | None:
+        rows = await self._all(_REMOTE_MEDIA.format("$1", "$2"), origin, media_id)
+        return _remote_from_row(origin, media_id, tuple(rows[0])) if rows else None
+
+    async def remote_thumbnails(self, origin: str, media_id: str) -> list[ThumbnailRow]:
+        rows = await self._all(_REMOTE_THUMBNAILS.format("$1", "$2"), origin, media_id)
+        return [_thumbnail_row(media_id, origin, "", tuple(r)) for r in rows]
+
+    async def touch_remote(self, keys: list[tuple[str, str]], now_ms: int) -> None:
+        try:
+            await self._pool.executemany(
+                _TOUCH_REMOTE.format("$1", "$2", "$3"), [(now_ms, o, m) for o, m in keys]
+            )
+        except (TimeoutError, asyncpg.PostgresError, OSError) as e:
+            raise DatabaseError(str(e)) from e
+
     async def can_write(self) -> bool:
         try:
             allowed = await self._pool.fetchval(
@@ -335,6 +422,9 @@ async def open_database(config: DatabaseConfig) -> Database:
         raise DatabaseError(f"cannot open the {config.engine} database: {e}") from e
 
 
+RemoteKey = tuple[str, str]  # (origin, media_id)
+
+
 class Metadata:
     """Cached row lookups plus the access-time batch, over one `Database`."""
 
@@ -348,7 +438,16 @@ class Metadata:
             maxsize=maxsize, ttl=ttl
         )
         self._inflight_thumbnails: Inflight[list[ThumbnailRow]] = Inflight()
+        self._remote: cachetools.TTLCache[RemoteKey, RemoteMedia | None] = cachetools.TTLCache(
+            maxsize=maxsize, ttl=ttl
+        )
+        self._inflight_remote: Inflight[RemoteMedia | None] = Inflight()
+        self._remote_thumbnails: cachetools.TTLCache[RemoteKey, list[ThumbnailRow]] = (
+            cachetools.TTLCache(maxsize=maxsize, ttl=ttl)
+        )
+        self._inflight_remote_thumbnails: Inflight[list[ThumbnailRow]] = Inflight()
         self._accessed: set[str] = set()
+        self._accessed_remote: set[RemoteKey] = set()
         self._flush_interval = flush_interval
         self._writable = True
         self._flusher: asyncio.Task[None] | None = None
@@ -386,18 +485,51 @@ class Metadata:
         self._thumbnails[media_id] = rows
         return rows
 
+    async def remote_media(self, origin: str, media_id: str) -> RemoteMedia | None:
+        key = (origin, media_id)
+        try:
+            return self._remote[key]
+        except KeyError:
+            pass
+        row = await self._inflight_remote.run(key, lambda: self.db.remote_media(origin, media_id))
+        self._remote[key] = row
+        return row
+
+    async def remote_thumbnails(self, origin: str, media_id: str) -> list[ThumbnailRow]:
+        key = (origin, media_id)
+        try:
+            return self._remote_thumbnails[key]
+        except KeyError:
+            pass
+        rows = await self._inflight_remote_thumbnails.run(
+            key, lambda: self.db.remote_thumbnails(origin, media_id)
+        )
+        self._remote_thumbnails[key] = rows
+        return rows
+
     def mark_accessed(self, media_id: str) -> None:
         if self._writable:
             self._accessed.add(media_id)
 
+    def mark_remote_accessed(self, origin: str, media_id: str) -> None:
+        """Remote rows' `last_access_ts` drives `remote_media_lifetime` and the evictor."""
+        if self._writable:
+            self._accessed_remote.add((origin, media_id))
+
     async def flush(self) -> None:
-        if not self._accessed:
-            return
-        batch, self._accessed = sorted(self._accessed), set()
-        try:
-            await self.db.touch_local(batch, int(time.time() * 1000))
-        except DatabaseError as e:
-            log.warning("access_times.flush_failed", error=str(e), count=len(batch))
+        now_ms = int(time.time() * 1000)
+        if self._accessed:
+            batch, self._accessed = sorted(self._accessed), set()
+            try:
+                await self.db.touch_local(batch, now_ms)
+            except DatabaseError as e:
+                log.warning("access_times.flush_failed", error=str(e), count=len(batch))
+        if self._accessed_remote:
+            keys, self._accessed_remote = sorted(self._accessed_remote), set()
+            try:
+                await self.db.touch_remote(keys, now_ms)
+            except DatabaseError as e:
+                log.warning("access_times.flush_failed", error=str(e), count=len(keys), remote=True)
 
     async def _flush_loop(self) -> None:
         while True:

@@ -103,11 +103,7 @@ class Proxy:
             if request.path == HEALTH_PATH:
                 outcome.source = "proxy"
                 return web.json_response({"status": "ok"})
-            if (
-                media is not None
-                and media.server_name == self.config.server_name
-                and self.pipeline is not None
-            ):
+            if media is not None and self.pipeline is not None:
                 response = await self.pipeline.serve(request, media, outcome)
             if response is None:
                 outcome.source = "synapse"
