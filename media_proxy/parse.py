@@ -5,6 +5,10 @@ everything else, which is passed to Synapse unchanged. Matching follows Synapse:
 patterns run on the raw (percent-encoded) path and each captured group is unquoted after.
 Anything Synapse would refuse with an error of its own (a bad server name, a bad
 `timeout_ms`, an admin quarantine bypass) is left to Synapse, so its answer stays exact.
+
+`read_head` comes first: it reads a request head (request line and header lines) with the
+rules of Synapse's HTTP server, Twisted, so that aiohttp never serves a request Twisted
+would refuse, and rewrites the few targets an HTTP client could not forward verbatim.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import enum
 import ipaddress
 import re
 import urllib.parse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -66,6 +71,119 @@ _THUMBNAIL: Final = re.compile(
 ANIMATED_THUMBNAIL_TYPE: Final = "image/webp"
 _QUERY_SEPARATOR: Final = re.compile("[&;]")
 _HOST: Final = re.compile(r"\A[0-9a-zA-Z-]+(?:\.[0-9a-zA-Z-]+)*\Z")
+# A percent-escape of a byte above 0x7F: the parameter is not ASCII once decoded.
+_NON_ASCII_ESCAPE: Final = re.compile("%[89a-fA-F][0-9a-fA-F]")
+
+# Twisted 26 (twisted.web.http.HTTPChannel, LineReceiver), Synapse's HTTP server.
+MAX_HEAD: Final = 16384  # totalHeadersSize: request line and header lines together
+MAX_LINE: Final = 16384  # LineReceiver.MAX_LENGTH: one line (Twisted drops the connection)
+MAX_HEADERS: Final = 500  # maxHeaders
+_TCHAR: Final = frozenset(
+    b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+)
+_VERSIONS: Final = (b"HTTP/1.1", b"HTTP/1.0")
+
+
+class BadRequest(ValueError):
+    """A request head Twisted answers with its bare 400 (or by closing); the message names
+    the rule, never the bytes (a query may carry an access token)."""
+
+
+def _is_token(value: bytes) -> bool:
+    return bool(value) and all(c in _TCHAR for c in value)
+
+
+def read_request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
+    """Twisted's `_parseRequestLine`: exactly three fields split on single spaces, a token
+    method, a target of bytes 0x21 to 0xB0 (Twisted's bound, not RFC 9112's 0x7E), and
+    HTTP/1.0 or HTTP/1.1. Everything else is a 400 from Synapse."""
+    fields = line.split(b" ")
+    if len(fields) != 3:
+        raise BadRequest("request line is not three fields split by single spaces")
+    method, target, version = fields
+    if not _is_token(method):
+        raise BadRequest("method is not a token")
+    if not target or any(c <= 0x20 or c > 0xB0 for c in target):
+        raise BadRequest("request target is empty or has a byte Twisted refuses")
+    if version not in _VERSIONS:
+        raise BadRequest("version is not HTTP/1.0 or HTTP/1.1")
+    return method, target, version
+
+
+def _origin_target(target: bytes) -> bytes:
+    """The target to give aiohttp (and later Synapse) for a target Twisted accepted."""
+    if any(c > 0x7F for c in target):
+        # Twisted accepts bytes 0x80-0xB0, but Synapse then fails to decode the path as
+        # ASCII and drops the connection without an answer (observed): refuse it cleanly.
+        raise BadRequest("request target is not ASCII")
+    if not target.startswith(b"/"):
+        # Twisted routes on target[1:] split at "/". Absolute-form ("http://host/p") makes a
+        # first segment with a colon ("ttp:"), a child no Synapse resource has: its 404
+        # comes before any servlet looks at the path, so "/" + target[1:] gets the same one.
+        first = target[1:].split(b"/", 1)[0]
+        if b":" not in first:
+            raise BadRequest("request target is neither origin-form nor absolute-form")
+        target = b"/" + target[1:]
+    # "#" is part of the path and query for Twisted, but an HTTP client cuts it off as a
+    # fragment, and aiohttp refuses DEL. Escaped, Synapse decodes the same path segments
+    # and parameters (only the path its 404 quotes shows the escape).
+    return target.replace(b"#", b"%23").replace(b"\x7f", b"%7F")
+
+
+def read_head(lines: Sequence[bytes]) -> list[bytes]:
+    """A request head (lines without CRLF, the last one empty) as Twisted reads it.
+
+    Raises BadRequest where Twisted refuses the head; returns the lines for aiohttp's parser:
+    the target made forwardable (`_origin_target`), folded header lines unfolded as Twisted
+    joins them. Twisted's other checks on headers are applied too: a colon in every line,
+    token names, no NUL in values, digits-only Content-Length, chunked or identity
+    Transfer-Encoding, one framing header, at most 500 headers, 16 KiB for the whole head.
+    """
+    if not lines or not lines[0]:
+        raise BadRequest("empty request line")
+    if sum(len(line) for line in lines) > MAX_HEAD:
+        raise BadRequest("request head larger than 16 KiB")
+    if any(len(line) > MAX_LINE for line in lines):
+        raise BadRequest("line longer than 16 KiB")
+    method, target, version = read_request_line(lines[0])
+    if method != method.upper():
+        # Synapse answers such a method itself (405 or 404), but an HTTP client sends
+        # methods upper-cased, so it cannot be forwarded as it came; nginx refuses it too.
+        raise BadRequest("method not in upper case")
+    headers: list[bytes] = []
+    for line in lines[1:]:
+        if not line:
+            break
+        if line[0] in b" \t" and headers:
+            headers[-1] += b" " + line.lstrip(b" \t")
+        else:
+            headers.append(line)
+    if len(headers) > MAX_HEADERS:
+        raise BadRequest("more than 500 headers")
+    framing = 0
+    for header in headers:
+        name, colon, value = header.partition(b":")
+        if not colon:
+            raise BadRequest("header line without a colon")
+        if not _is_token(name):
+            raise BadRequest("header name is not a token")
+        value = value.strip(b" \t")
+        if b"\0" in value:
+            raise BadRequest("NUL in a header value")
+        lowered = name.lower()
+        if lowered == b"content-length":
+            if not value.isdigit():
+                raise BadRequest("Content-Length is not digits")
+            framing += 1
+        elif lowered == b"transfer-encoding":
+            if value.lower() == b"chunked":
+                framing += 1
+            elif value.lower() != b"identity":
+                raise BadRequest("Transfer-Encoding is neither chunked nor identity")
+        if framing > 1:
+            raise BadRequest("more than one Content-Length or Transfer-Encoding")
+    request_line = b" ".join((method, _origin_target(target), version))
+    return [request_line, *headers, b""]
 
 
 def _unquote(group: str | None) -> str:
@@ -139,6 +257,10 @@ def parse(method: str, raw_target: str) -> MediaRequest | None:
     if method not in ("GET", "HEAD"):
         return None
     raw_path, _, raw_query = raw_target.partition("?")
+    if not raw_target.isascii() or _NON_ASCII_ESCAPE.search(raw_query):
+        # Synapse decodes the parameters it reads as ASCII (every value of a string
+        # parameter, the access token) and refuses or fails on others: its call.
+        return None
     kind = Kind.DOWNLOAD
     match = _DOWNLOAD.match(raw_path)
     if match is None:

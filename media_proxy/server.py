@@ -19,7 +19,7 @@ from typing import Final
 import structlog
 from aiohttp import web
 
-from media_proxy import parse
+from media_proxy import connection, parse
 from media_proxy.authorize import Authorizer
 from media_proxy.config import Config
 from media_proxy.evict import BackgroundEvictor
@@ -173,7 +173,7 @@ def _run_worker(config: Config, *, reuse_port: bool) -> str:
         for sig in _STOP_SIGNALS:
             loop.add_signal_handler(sig, on_signal, sig)
         signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
-        runner = web.AppRunner(
+        runner = connection.Runner(  # request heads read as Synapse's Twisted does
             make_app(config),
             access_log=None,
             handler_cancellation=False,
