@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     # check shows and checks the configuration serve would run with: it uses every flag
     _common(sub.add_parser("check", help="check configuration, database, S3, cache and Synapse"))
     _cache_commands(sub.add_parser("cache", help="the cache's upkeep: status, upload, evict"))
+    _s3_commands(sub)
     _bench_command(sub)
     return parser
 
@@ -68,6 +69,29 @@ def _bench_command(sub: Any) -> None:
     parser = sub.add_parser("bench", help="a bounded load of media downloads against a URL")
     _common(parser, _CACHE_FLAGS)  # it reads the database, S3 and the store, as `cache` does
     bench.add_arguments(parser)
+
+
+def _s3_commands(sub: Any) -> None:
+    """`s3 prune` and `s3 audit` (media_proxy/lifecycle.py)."""
+    s3 = sub.add_parser("s3", help="the bucket's side of the media lifecycle: prune, audit")
+    s3_sub = s3.add_subparsers(dest="s3_command", required=True)
+    prune = s3_sub.add_parser("prune", help="delete S3 objects whose media Synapse deleted")
+    prune.add_argument("--min-age", default="7d", help="never delete younger objects (default 7d)")
+    prune.add_argument(
+        "--kinds",
+        help="comma-separated, some of local_originals,local_thumbnails,remote_originals,"
+        "remote_thumbnails,url_previews (default: all)",
+    )
+    prune.add_argument("--dry-run", action="store_true", help="print what would go; delete nothing")
+    prune.add_argument(
+        "--batch-size", default="1000", help="objects per re-check and DeleteObjects (max 1000)"
+    )
+    audit = s3_sub.add_parser(
+        "audit", help="read-only: media in neither store nor S3 (lost), and orphaned objects"
+    )
+    for parser in (prune, audit):
+        _common(parser)
+        parser.add_argument("--json", action="store_true", help="machine-readable output")
 
 
 def _cache_commands(cache: argparse.ArgumentParser) -> None:
@@ -170,6 +194,10 @@ def _cache(args: argparse.Namespace, config: Config) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "s3":  # configuration as for `cache`, loaded by lifecycle itself
+        from media_proxy import lifecycle
+
+        return lifecycle.main(args)
     if args.command == "bench":  # its configuration is optional: loaded by bench itself
         from media_proxy import bench
 
