@@ -228,8 +228,9 @@ def test_sigterm_stops_every_worker(synapse: Synapse, tmp_path: Path, workers: i
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("workers", [1, 3])
 def test_group_signal_is_a_clean_stop(
-    synapse_sqlite: Synapse, tmp_path: Path, stop_signal: signal.Signals
+    synapse_sqlite: Synapse, tmp_path: Path, stop_signal: signal.Signals, workers: int
 ) -> None:
     """Ctrl-C on a terminal and `systemctl stop` signal every process of the group at once:
     the workers get the signal from there and again from the supervisor."""
@@ -237,12 +238,12 @@ def test_group_signal_is_a_clean_stop(
         tmp_path,
         synapse_config=synapse_sqlite.config_path,
         synapse_url=synapse_sqlite.url,
-        workers=3,
+        workers=workers,
     ).start()
     assert server.process is not None
     pid = server.process.pid
     children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-    assert len(children) == 3
+    assert len(children) == (workers if workers > 1 else 0)  # one worker: no supervisor
     os.killpg(pid, stop_signal)  # the proxy leads its own session (ManagedProcess)
     assert server.process.popen.wait(timeout=20) == 0
     assert not any(Path(f"/proc/{c}").exists() for c in children)
