@@ -244,6 +244,9 @@ def test_forwarded_headers(nginx: Nginx) -> None:
         assert answer["x_forwarded_proto"] == "http"
         assert answer["x_request_id"]
         assert answer["connection"] is None  # HTTP/1.1 keep-alive, no "close"
+        # A client's own request id is passed on (load tools and tests correlate with it).
+        ours = nginx.json(path, headers={"X-Request-ID": "client-chosen-1"})
+        assert ours["x_request_id"] == "client-chosen-1"
 
 
 def test_keepalive_to_the_upstreams(nginx: Nginx, upstreams: tuple[FakeUpstream, ...]) -> None:

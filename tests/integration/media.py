@@ -113,13 +113,14 @@ def upload(
     content_type: str = "application/octet-stream",
     name: str | None = None,
     server_name: str,
+    headers: list[tuple[str, str]] | None = None,
 ) -> Media:
     query = f"?filename={urllib.parse.quote(name)}" if name else ""
     answer = request(
         base_url,
         f"/_matrix/media/v3/upload{query}",
         method="POST",
-        headers=[*bearer(token), ("Content-Type", content_type)],
+        headers=[*bearer(token), ("Content-Type", content_type), *(headers or [])],
         body=data,
     )
     assert answer.status == 200, (answer.status, answer.body[:300])

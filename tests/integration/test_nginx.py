@@ -17,10 +17,10 @@ Checks that through nginx:
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -54,41 +54,41 @@ def address(url: str) -> str:
 
 
 class ProxyLog:
-    """The `request` events the proxy logs from now on (all workers write one file)."""
+    """The proxy's `request` events for this test's own requests.
+
+    Each request the test sends through nginx carries `X-Request-ID: <tag>-<n>` (nginx
+    passes a client's id on), so a late event of another test's request can never enter the
+    window, and waits end when the test's own events are there, not after some time.
+    """
 
     def __init__(self, proxy: MediaProxy) -> None:
-        self.path = proxy.log_path
-        self.offset = self.path.stat().st_size
+        self.proxy = proxy
+        self.tag = uuid.uuid4().hex[:12]
+        self.sent = 0
+
+    def headers(self, headers: list[tuple[str, str]] | None = None) -> list[tuple[str, str]]:
+        """`headers` plus a request id of this window's."""
+        self.sent += 1
+        return [*(headers or []), ("X-Request-ID", f"{self.tag}-{self.sent}")]
 
     def events(self) -> list[dict[str, Any]]:
-        with self.path.open("rb") as f:
-            f.seek(self.offset)
-            lines = f.read().decode(errors="replace").splitlines()
-        out = []
-        for line in lines:
-            try:
-                event = json.loads(line)
-            except ValueError:
-                continue
-            if event.get("event") == "request":
-                out.append(event)
-        return out
+        return [
+            e
+            for e in self.proxy.log_events()
+            if e.get("event") == "request" and str(e.get("request_id")).startswith(self.tag)
+        ]
 
-    def settled(self, count: int | None = None, timeout: float = 5.0) -> list[dict[str, Any]]:
-        """The events once `count` of them are there (or, without a count, once no new one
-        came for 0.2 s): a worker logs a request just after its answer went out."""
+    def wait(self, count: int, timeout: float = 15.0) -> list[dict[str, Any]]:
+        """The events once `count` of them are there: a worker logs a request just after
+        its answer went out."""
         deadline = time.monotonic() + timeout
-        events = self.events()
-        while time.monotonic() < deadline:
-            time.sleep(0.2)
-            newer = self.events()
-            if (count is not None and len(newer) >= count) or (count is None and newer == events):
-                return newer
-            events = newer
+        while len(events := self.events()) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
         return events
 
     def sources(self, media_id: str) -> list[str]:
-        return [str(e["source"]) for e in self.settled() if e.get("media_id") == media_id]
+        """Sources of all requests sent so far with this window's ids, for one media."""
+        return [str(e["source"]) for e in self.wait(self.sent) if e.get("media_id") == media_id]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +206,7 @@ def test_downloads_through_nginx_match_synapse(
     for method, path, headers in download_cases(m, user_token):
         if evicted:
             evict(synapse, m)
-        ours = request(nginx.url, path, method=method, headers=headers)
+        ours = request(nginx.url, path, method=method, headers=log.headers(headers))
         if evicted:
             evict(synapse, m)
         theirs = request(synapse.url, path, method=method, headers=headers)
@@ -232,20 +232,24 @@ def test_other_routes_go_straight_to_synapse(
         ("GET", "/.well-known/matrix/client"),
         ("POST", "/_matrix/client/v3/logout/nothing"),
     ]:
-        ours = request(nginx.url, path, method=method, headers=bearer(user_token))
+        ours = request(nginx.url, path, method=method, headers=log.headers(bearer(user_token)))
         theirs = request(synapse.url, path, method=method, headers=bearer(user_token))
         if path == "/_matrix/key/v2/server":  # signed with a fresh valid_until_ts each time
             assert ours.status == theirs.status == 200
             continue
         assert comparable(ours) == comparable(theirs), (path, ours, theirs)
-    assert log.settled() == []  # none of them went through the proxy
+    skipped = log.sent
 
-    # The rest of the media prefixes goes to the proxy, which passes it on to Synapse.
+    # The rest of the media prefixes goes to the proxy, which passes it on to Synapse; their
+    # events also mark the point by which any of the six above would have been logged.
     for path in ("/_matrix/client/v1/media/config", "/_matrix/media/v3/config"):
-        ours = request(nginx.url, path, headers=bearer(user_token))
+        ours = request(nginx.url, path, headers=log.headers(bearer(user_token)))
         theirs = request(synapse.url, path, headers=bearer(user_token))
         assert comparable(ours) == comparable(theirs), (path, ours, theirs)
-    assert [e["source"] for e in log.settled(2)] == ["synapse", "synapse"]
+    events = log.wait(2)
+    assert [e["source"] for e in events] == ["synapse", "synapse"]
+    # none of the six went through the proxy
+    assert [e["request_id"] for e in events] == [f"{log.tag}-{skipped + i}" for i in (1, 2)]
 
 
 def proxy_pids(proxy: MediaProxy) -> list[int]:
@@ -275,11 +279,18 @@ def test_50mib_upload_is_streamed_not_buffered(
         before[pid] = status_kib(pid, "VmRSS")
     log = ProxyLog(proxy)
 
-    m = upload(nginx.url, user_token, data, name="big.bin", server_name=synapse.server_name)
+    m = upload(
+        nginx.url,
+        user_token,
+        data,
+        name="big.bin",
+        server_name=synapse.server_name,
+        headers=log.headers(),
+    )
 
     growth = {pid: status_kib(pid, "VmHWM") - before[pid] for pid in pids}
     print(f"proxy processes' peak RSS growth during a 50 MiB upload (KiB): {growth}")
-    uploads = [e for e in log.settled(1) if e["path"] == "/_matrix/media/v3/upload"]
+    uploads = [e for e in log.wait(1) if e["path"] == "/_matrix/media/v3/upload"]
     assert [e["source"] for e in uploads] == ["synapse"]  # through the proxy, to Synapse
     # Buffered, one process would grow by >= 50 MiB; streamed, by a few socket buffers.
     assert max(growth.values()) < 12 * 1024, growth
@@ -333,7 +344,7 @@ def test_accel_mode_answers_like_plain_mode(
     for method, path, headers in download_cases(m, user_token):
         if evicted:
             evict(synapse, m)
-        accel = request(accel_nginx.url, path, method=method, headers=headers)
+        accel = request(accel_nginx.url, path, method=method, headers=log.headers(headers))
         if evicted:
             evict(synapse, m)
         plain = request(nginx.url, path, method=method, headers=headers)
