@@ -28,18 +28,23 @@ pages it already cached.
 
 Close to a local filesystem on purpose: attribute and entry caches are off (a growing file's
 size is seen at once through any name), unlinked-but-open files stay readable (hard_remove,
-no .fuse_hidden files in the backing directory), flock is left to the kernel (locks between
-processes on this mount work; they are not seen by processes using the backing directory, and
-two hard-linked names are two separate lock objects), fallocate supports mode 0 only
-(EOPNOTSUPP otherwise). Writes are write-through: a write fault is seen by write(2) itself.
-Limits: rename flags (RENAME_NOREPLACE/EXCHANGE) are dropped by the binding; faults cannot be
-injected into what the kernel answers alone (page-cache hits, flock, permission checks).
+no .fuse_hidden files in the backing directory), flock on files is taken on the backing file
+(so a lock taken through one hard-linked name is seen through another, as the fill protocol
+needs; a blocking flock holds one FUSE worker thread while it waits), fallocate passes any mode
+through (KEEP_SIZE included; write faults apply to it). Writes are write-through: a write
+fault is seen by write(2) itself, not later at close.
+Limits: flock on a directory is kept by the kernel, per mount (fine between processes using
+the mount); rename flags (RENAME_NOREPLACE/EXCHANGE) are refused with EINVAL; faults cannot be
+injected into what the kernel answers alone (page-cache hits, directory flock, permission
+checks).
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno as errnos
+import fcntl
 import json
 import os
 import signal
@@ -279,6 +284,8 @@ def _serve(backing: str, mountpoint: str, control_fd: int) -> None:
     import mfusepy  # type: ignore[import-untyped]  # only the FUSE process loads libfuse
 
     faults = _Faults()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
     control = socket.socket(fileno=control_fd)
     UTIME_NOW, UTIME_OMIT = (1 << 30) - 1, (1 << 30) - 2
 
@@ -366,9 +373,16 @@ def _serve(backing: str, mountpoint: str, control_fd: int) -> None:
             if rule is not None and offset + size > rule.after:
                 faults.hit("write")
                 raise OSError(rule.errno, os.strerror(rule.errno))
-            if mode != 0:
-                raise OSError(errnos.EOPNOTSUPP, os.strerror(errnos.EOPNOTSUPP))
-            os.posix_fallocate(fh.fh, offset, size)
+            if libc.fallocate(fh.fh, mode, offset, size) != 0:  # any mode, e.g. KEEP_SIZE
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+            return 0
+
+        def flock(self, path: str | None, fh: Any, op: int) -> int:
+            # On the backing file: its inode is shared by hard links, unlike this mount's
+            # per-name nodes, and the fill protocol locks a file under one name and checks
+            # the lock under another. A blocking lock holds a FUSE worker thread meanwhile.
+            fcntl.flock(fh.fh, op)
             return 0
 
         def fsync(self, path: str | None, datasync: int, fh: Any) -> int:
@@ -500,10 +514,11 @@ def _serve(backing: str, mountpoint: str, control_fd: int) -> None:
             return 0
 
     class FUSE(mfusepy.FUSE):  # type: ignore[misc]
-        """mfusepy drops the file handle of ftruncate/fchmod/fchown/futimens and rename's flags.
+        """mfusepy drops the handle of ftruncate/fchmod/fchown/futimens, and rename's flags.
 
-        With nullpath_ok libfuse gives those no path when it gives a handle, so without this
-        they would act on the root; rename flags (RENAME_NOREPLACE...) are refused, not ignored.
+        With nullpath_ok libfuse gives no path when it gives a handle, so without this those
+        would act on the root (and flock fail); rename flags (RENAME_NOREPLACE...) are refused,
+        not ignored.
         """
 
         def _path(self, path: bytes | None) -> str | None:
@@ -529,6 +544,9 @@ def _serve(backing: str, mountpoint: str, control_fd: int) -> None:
                 times = tuple(t.tv_sec * 10**9 + t.tv_nsec for t in ts)
             fh = fip.contents if fip else None
             return int(self.operations.utimens(self._path(path), times, fh))
+
+        def flock(self, path: bytes | None, fip: Any, op: int) -> int:
+            return int(self.operations.flock(self._path(path), fip.contents, op))
 
         def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
             if flags:

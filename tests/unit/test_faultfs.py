@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import os
@@ -16,6 +17,7 @@ import pytest
 from tests.faultfs import FaultFS, is_mounted
 
 PAGE = 4096
+FALLOC_FL_KEEP_SIZE = 1
 
 
 @pytest.fixture
@@ -62,10 +64,7 @@ def test_passthrough_reaches_the_backing_directory(fs: FaultFS) -> None:
     os.pwrite(fd, b"world", 6)
     os.pwrite(fd, b"hello ", 0)
     os.fsync(fd)
-    try:
-        os.posix_fallocate(fd, 0, 2 * PAGE)
-    except OSError as e:  # the proxy tolerates EOPNOTSUPP; anything else is a fault of ours
-        assert e.errno == errno.EOPNOTSUPP
+    os.posix_fallocate(fd, 0, 2 * PAGE)
     os.ftruncate(fd, 11)
     os.fchmod(fd, 0o640)  # the handle-only calls reach the open file, not the root
     os.utime(fd, ns=(1_000_000_000, 3_000_000_000))
@@ -98,30 +97,48 @@ def test_passthrough_reaches_the_backing_directory(fs: FaultFS) -> None:
     assert os.statvfs(mnt).f_bsize > 0
 
 
-def test_flock_is_exclusive_across_processes(fs: FaultFS) -> None:
-    lockfile = fs.mountpoint / "lock"
-    lockfile.touch()
+HOLD_LOCK = """
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDONLY)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.readline()
+"""
+
+
+@pytest.mark.parametrize("kind", ["hard-linked file", "directory"])
+def test_flock_is_exclusive_across_processes(fs: FaultFS, kind: str) -> None:
+    """Another process's LOCK_EX is seen, and dropped when it exits (fill.py and evict.py).
+
+    fill.py locks a private file, links it to the fill name and unlinks the private name;
+    followers open the fill name and test the lock there, so the lock must follow the inode.
+    """
+    if kind == "directory":
+        locked = seen = fs.mountpoint / "store"
+        locked.mkdir()
+    else:
+        locked, seen = fs.mountpoint / "fill.private", fs.mountpoint / "fill"
+        locked.touch()
+        os.link(locked, seen)
     holder = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import fcntl, sys\n"
-            "f = open(sys.argv[1], 'rb'); fcntl.flock(f, fcntl.LOCK_EX)\n"
-            "print('locked', flush=True); sys.stdin.readline()",
-            str(lockfile),
-        ],
+        [sys.executable, "-c", HOLD_LOCK, str(locked)],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
     )
     assert holder.stdout is not None and holder.stdin is not None
     try:
         assert holder.stdout.readline() == b"locked\n"
-        with open(lockfile, "rb") as f:
+        if kind != "directory":
+            os.unlink(locked)  # as fill.py does: only the fill name is left
+        fd = os.open(seen, os.O_RDONLY)
+        try:
             with pytest.raises(BlockingIOError):
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             holder.stdin.close()  # the holder exits: the kernel drops its lock
             assert holder.wait(5) == 0
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(fd)
     finally:
         if holder.poll() is None:
             holder.kill()
@@ -188,6 +205,25 @@ def test_write_faults(fs: FaultFS) -> None:
     fs.clear()
     (fill / "c").write_bytes(b"z" * 5 * PAGE)
     assert (fs.backing / ".media-proxy/fill/c").stat().st_size == 5 * PAGE
+
+
+def fallocate_keep_size(fd: int, length: int) -> int:
+    """fallocate(FALLOC_FL_KEEP_SIZE) as fill.reserve calls it: 0, or the errno."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64)
+    return 0 if libc.fallocate(fd, FALLOC_FL_KEEP_SIZE, 0, length) == 0 else ctypes.get_errno()
+
+
+def test_fallocate_passes_through_and_takes_write_faults(fs: FaultFS) -> None:
+    fd = os.open(fs.mountpoint / "reserved", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert fallocate_keep_size(fd, 64 * PAGE) == 0
+        st = (fs.backing / "reserved").stat()
+        assert (st.st_size, st.st_blocks * 512 >= 64 * PAGE) == (0, True)  # blocks, no size
+        fs.fail_writes(match="reserved", errno=errno.ENOSPC)
+        assert fallocate_keep_size(fd, 128 * PAGE) == errno.ENOSPC
+    finally:
+        os.close(fd)
 
 
 def test_read_only_refuses_every_change(fs: FaultFS) -> None:
