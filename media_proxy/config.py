@@ -67,7 +67,13 @@ class S3Config:
     # Garage and SeaweedFS want path-style; AWS accepts it too.
     addressing_style: Literal["path", "virtual", "auto"] = "path"
     connect_timeout: float = 5.0
-    read_timeout: float = 30.0
+    # Also the longest a body may stall mid-stream before the fill is aborted.
+    read_timeout: float = 15.0
+    # The longest a serving-path GET may take to answer, retries included.
+    timeout: float = 10.0
+    # After this many failed GETs in a row, S3 is not asked for `breaker_cooldown` seconds.
+    breaker_threshold: int = 5
+    breaker_cooldown: float = 10.0
     max_pool_connections: int = 64
     # Synapse's provider copies: the local file may be the only copy when these are false.
     store_local: bool = False
@@ -110,6 +116,17 @@ class Config:
     metadata_cache_size: int = 50_000
     access_flush_interval: float = 60.0
     s3_chunk_size: int = 1024 * 1024
+    # What a miss gets while S3 cannot answer: "error" (502/504 at once) or "synapse".
+    s3_unavailable: Literal["error", "synapse"] = "error"
+    # Fills (S3 GETs written back) one worker leads at once, and one client address starts.
+    max_fills: int = 64
+    max_fills_per_client: int = 8
+    # Pass-through: connecting (and waiting for a pooled connection), then each read.
+    synapse_connect_timeout: float = 10.0
+    synapse_read_timeout: float = 120.0
+    synapse_max_connections: int = 256
+    # On SIGTERM: stop accepting, give running downloads this long, then abort them.
+    shutdown_grace: float = 10.0
     accel_redirect: str | None = None
     cache_max_size: int | None = None
     # Background eviction (serve): files younger than this are never evicted; one pass per
@@ -337,7 +354,10 @@ def _build_s3(values: Mapping[str, Any], source: str) -> S3Config:
         storage_class=storage_class,
         addressing_style=style,  # type: ignore[arg-type]
         connect_timeout=r.number("connect_timeout", 5.0),
-        read_timeout=r.number("read_timeout", 30.0),
+        read_timeout=r.number("read_timeout", 15.0),
+        timeout=r.number("timeout", 10.0),
+        breaker_threshold=int(r.number("breaker_threshold", 5, minimum=1)),
+        breaker_cooldown=r.number("breaker_cooldown", 10.0),
         max_pool_connections=int(r.number("max_pool_connections", 64, minimum=1)),
         store_local=r.flag("store_local", False),
         store_remote=r.flag("store_remote", False),
@@ -364,6 +384,13 @@ _OWN_KEYS: Final = frozenset(
         "metadata_cache_size",
         "access_flush_interval",
         "s3_chunk_size",
+        "s3_unavailable",
+        "max_fills",
+        "max_fills_per_client",
+        "synapse_connect_timeout",
+        "synapse_read_timeout",
+        "synapse_max_connections",
+        "shutdown_grace",
         "log_format",
         "log_level",
         "s3",
@@ -534,6 +561,13 @@ def load(
         s3_chunk_size=parse_size(
             own.get("s3_chunk_size", "1M"), source=own_src, key="s3_chunk_size"
         ),
+        s3_unavailable=_s3_unavailable(r),
+        max_fills=int(r.number("max_fills", 64, minimum=1)),
+        max_fills_per_client=int(r.number("max_fills_per_client", 8, minimum=1)),
+        synapse_connect_timeout=r.number("synapse_connect_timeout", 10.0, minimum=0.1),
+        synapse_read_timeout=r.number("synapse_read_timeout", 120.0, minimum=0.1),
+        synapse_max_connections=int(r.number("synapse_max_connections", 256, minimum=1)),
+        shutdown_grace=r.number("shutdown_grace", 10.0),
         accel_redirect=accel or None,
         cache_max_size=None
         if max_size is None
@@ -551,6 +585,13 @@ def load(
         log_level=r.text("log_level", "info") or "info",
         sources=(own_src, hs_src),
     )
+
+
+def _s3_unavailable(r: _Reader) -> Literal["error", "synapse"]:
+    value = r.text("s3_unavailable", "error")
+    if value not in ("error", "synapse"):
+        raise r.error("s3_unavailable", f"expected error or synapse, got {value!r}")
+    return "synapse" if value == "synapse" else "error"
 
 
 def _server_names(value: Any, source: str, key: str) -> tuple[str, ...]:

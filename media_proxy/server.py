@@ -19,16 +19,19 @@ from typing import Final
 import structlog
 from aiohttp import web
 
-from media_proxy import connection, parse
+from media_proxy import connection, parse, respond
+from media_proxy import headers as h
 from media_proxy.authorize import Authorizer
 from media_proxy.config import Config
 from media_proxy.evict import BackgroundEvictor
 from media_proxy.fill import Filler
 from media_proxy.locate import Locator
 from media_proxy.metadata import Metadata, open_database
+from media_proxy.parse import Kind
 from media_proxy.passthrough import SynapseClient
 from media_proxy.pipeline import MediaPipeline, Outcome
-from media_proxy.respond import ClientGone, abort
+from media_proxy.respond import Aborted, Refused, abort
+from media_proxy.respond import started as started_response
 from media_proxy.s3 import S3
 
 log = structlog.get_logger("media_proxy")
@@ -53,7 +56,12 @@ class Proxy:
     async def start(self) -> None:
         """Build the long-lived parts inside the worker's event loop."""
         config = self.config
-        self.synapse = SynapseClient(config.synapse_url)
+        self.synapse = SynapseClient(
+            config.synapse_url,
+            connect_timeout=config.synapse_connect_timeout,
+            read_timeout=config.synapse_read_timeout,
+            max_connections=config.synapse_max_connections,
+        )
         db = await open_database(config.database)
         self.metadata = Metadata(
             db,
@@ -65,7 +73,13 @@ class Proxy:
         if config.s3 is not None:
             self.s3 = S3(config.s3)
             await self.s3.start()
-            self.filler = Filler(config.cache_path, self.s3, chunk_size=config.s3_chunk_size)
+            self.filler = Filler(
+                config.cache_path,
+                self.s3,
+                chunk_size=config.s3_chunk_size,
+                max_fills=config.max_fills,
+                max_fills_per_client=config.max_fills_per_client,
+            )
             if config.cache_max_size is not None:
                 self.evictor = BackgroundEvictor(config, self.s3)
                 await self.evictor.start()
@@ -75,7 +89,7 @@ class Proxy:
             failure_ttl=config.auth_failure_ttl,
             maxsize=config.auth_cache_size,
         )
-        locator = Locator(config.cache_path, self.filler)
+        locator = Locator(config.cache_path, self.filler, s3_unavailable=config.s3_unavailable)
         self.pipeline = MediaPipeline(config, authorizer, self.metadata, locator)
 
     async def close(self) -> None:
@@ -95,32 +109,41 @@ class Proxy:
         return self.synapse
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
+        """Answer one request: the media pipeline when it can be exact, else Synapse.
+
+        Once a response has started, any failure aborts the connection (never a second
+        answer on the same one); before that, an unexpected error falls back to Synapse.
+        """
         started = time.perf_counter()
         outcome = Outcome()
         media = parse.parse(request.method, request.raw_path)
         response: web.StreamResponse | None = None
+        aborted: str | None = None
         try:
-            if request.path == HEALTH_PATH:
-                outcome.source = "proxy"
-                return web.json_response({"status": "ok"})
-            if media is not None and self.pipeline is not None:
-                response = await self.pipeline.serve(request, media, outcome)
-            if response is None:
-                outcome.source = "synapse"
-                response = await self._synapse().forward(request)
+            response = await self._answer(request, media, outcome)
             return response
-        except ClientGone:
-            outcome.bytes = -1
-            raise
-        except Exception:
-            log.exception("request.error", path=request.path)
-            if response is not None and response.prepared:
-                abort(request)
+        except Aborted as e:
+            aborted = e.cause
+            response = self._abort(request)
+            if e.cause != "client":
+                log.warning("response.aborted", cause=e.cause, error=str(e), path=request.path)
+            return response
+        except Exception as e:
+            if started_response(request) is not None:
+                aborted = "error"
+                log.error("response.aborted", cause="error", error=repr(e), path=request.path)
+                response = self._abort(request)
                 return response
+            log.exception("request.error", path=request.path)
             outcome.source = "synapse"
-            response = await self._synapse().forward(request)
+            try:
+                response = await self._synapse().forward(request)
+            except Aborted as gone:
+                aborted = gone.cause
+                response = self._abort(request)
             return response
         finally:
+            sending = started_response(request)
             log.info(
                 "request",
                 request_id=request.headers.get("X-Request-ID") or os.urandom(8).hex(),
@@ -130,9 +153,47 @@ class Proxy:
                 media_id=media.media_id if media else None,
                 source=outcome.source,
                 status=response.status if response is not None else None,
-                bytes=outcome.bytes,
+                bytes=sending.sent if sending is not None else outcome.bytes,
                 ms=round((time.perf_counter() - started) * 1000, 2),
+                **({"aborted": aborted} if aborted else {}),
             )
+
+    async def _answer(
+        self, request: web.Request, media: parse.MediaRequest | None, outcome: Outcome
+    ) -> web.StreamResponse:
+        if request.path == HEALTH_PATH:
+            outcome.source = "proxy"
+            return web.json_response({"status": "ok"})
+        response: web.StreamResponse | None = None
+        if media is not None and self.pipeline is not None:
+            try:
+                response = await self.pipeline.serve(request, media, outcome)
+            except Refused as e:
+                outcome.source = "proxy"
+                return await self._refuse(request, media, e)
+        if response is None:
+            outcome.source = "synapse"
+            response = await self._synapse().forward(request)
+        return response
+
+    @staticmethod
+    async def _refuse(
+        request: web.Request, media: parse.MediaRequest, refused: Refused
+    ) -> web.StreamResponse:
+        """An error the proxy gives itself, with the headers of the servlet asked."""
+        servlet = h.servlet_headers(download=media.kind is Kind.DOWNLOAD)
+        if refused.retry_after_ms is not None:
+            seconds = -(-refused.retry_after_ms // 1000)
+            servlet = [*servlet, ("Retry-After", str(seconds))]
+        return await respond.error(request, refused.status, refused.body(), servlet)
+
+    @staticmethod
+    def _abort(request: web.Request) -> web.StreamResponse:
+        """Close the connection at once; the started response (if any) goes back to aiohttp,
+        whose attempt to finish it fails quietly on the closed transport."""
+        abort(request)
+        sending = started_response(request)
+        return sending.response if sending is not None else web.Response(status=499)
 
 
 def make_app(config: Config) -> web.Application:
@@ -147,7 +208,8 @@ def make_app(config: Config) -> web.Application:
 
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
-    app.router.add_route("*", "/{tail:.*}", proxy.handle)
+    # Every path, "\n" included (an encoded newline made ".*" miss: aiohttp's own 404).
+    app.router.add_route("*", r"/{tail:[\s\S]*}", proxy.handle)
     return app
 
 
@@ -177,7 +239,7 @@ def _run_worker(config: Config, *, reuse_port: bool) -> str:
             make_app(config),
             access_log=None,
             handler_cancellation=False,
-            shutdown_timeout=5,
+            shutdown_timeout=config.shutdown_grace,  # then running handlers are cancelled
             keepalive_timeout=75,
         )
         await runner.setup()
@@ -277,8 +339,10 @@ def _supervise(config: Config) -> int:
                 log.warning("worker.died", pid=pid, status=code)
             continue
         log.warning("worker.died", pid=pid, status=code)
-        if time.monotonic() - started_at.pop(pid) < _CRASH_LOOP_S:
-            # dying right after start is a set-up problem, not bad luck: stop the others
+        lived = time.monotonic() - started_at.pop(pid)
+        if code >= 0 and lived < _CRASH_LOOP_S:
+            # exiting right after start is a set-up problem, not bad luck: stop the others
+            # (a worker killed by a signal, OOM killer or kill -9, is just restarted)
             failed = True
             stop_workers()
             continue
