@@ -615,15 +615,26 @@ _REMOTE_PAGE: Final = (
 )
 
 
+async def _binary_order(db: Database) -> str:
+    """What ORDER BY needs to sort text as S3 lists keys (bytewise). Synapse wants its
+    PostgreSQL database in the C locale, where the column's own order is bytewise and its
+    index serves; other locales need an explicit COLLATE "C" (a sort per page)."""
+    if not isinstance(db, PostgresDatabase):
+        return ""  # SQLite compares text bytewise
+    rows = await _fetch(db, "SELECT datcollate FROM pg_database WHERE datname = current_database()")
+    return "" if rows and rows[0][0] in ("C", "POSIX") else ' COLLATE "C"'
+
+
 class Auditor:
     def __init__(self, db: Database, s3: S3, roots: Sequence[str], *, out: Out, verbose: bool):
         self.db, self.s3, self.roots = db, s3, list(dict.fromkeys(roots))
         self.out, self.verbose = out, verbose
         self.report = AuditReport()
-        self._collate = ' COLLATE "C"' if isinstance(db, PostgresDatabase) else ""
+        self._collate = ""
 
     async def run(self) -> AuditReport:
         started = time.monotonic()
+        self._collate = await _binary_order(self.db)
         try:
             await self._objects()
             await self._local_rows()
