@@ -314,54 +314,5 @@ class S3:
         return errors
 
 
-    # The media lifecycle (lifecycle.py): listing pages with dates, batched deletes.
-
-    async def list_pages(
-        self, rel_prefix: str = "", *, page_size: int = 1000
-    ) -> AsyncIterator[list[tuple[str, int, float]]]:
-        """Pages of (store path, size, LastModified as epoch seconds) under `prefix +
-        rel_prefix`, in the listing's (key) order: one ListObjectsV2 call per page."""
-        prefix = self.key(rel_prefix)
-        token: str | None = None
-        while True:
-            extra = {"ContinuationToken": token} if token else {}
-            page = await self._call(
-                "ListObjectsV2",
-                prefix,
-                self._client.list_objects_v2(
-                    Bucket=self.config.bucket, Prefix=prefix, MaxKeys=page_size, **extra
-                ),
-            )
-            cut = len(self.config.prefix)
-            yield [
-                (o["Key"][cut:], int(o["Size"]), o["LastModified"].timestamp())
-                for o in page.get("Contents", [])
-            ]
-            token = page.get("NextContinuationToken")
-            if not page.get("IsTruncated") or not token:
-                return
-
-    async def delete_objects(self, rels: list[str]) -> dict[str, str]:
-        """Delete the objects of these store paths (DeleteObjects, Quiet, up to 1000 keys a
-        request); returns {store path: error code} for each key S3 refused. Deleting a key
-        that does not exist is a success in S3, so a re-run is harmless."""
-        errors: dict[str, str] = {}
-        cut = len(self.config.prefix)
-        batch = 1000  # DeleteObjects' limit
-        for i in range(0, len(rels), batch):
-            keys = [self.key(rel) for rel in rels[i : i + batch]]
-            resp = await self._call(
-                "DeleteObjects",
-                keys[0],
-                self._client.delete_objects(
-                    Bucket=self.config.bucket,
-                    Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True},
-                ),
-            )
-            for err in resp.get("Errors", []):
-                errors[str(err.get("Key", ""))[cut:]] = str(err.get("Code", "unknown"))
-        return errors
-
-
 def _error_code(error: ClientError) -> str:
     return str(error.response.get("Error", {}).get("Code", "unknown"))
