@@ -134,6 +134,17 @@ def test_hits_agree_with_the_proxys_log(
     assert {e["source"] for e in events} == {"cache"}
     assert sum(e["bytes"] for e in events) == report["bytes"]
 
+    # --sample reads Synapse's database (SQLite or PostgreSQL): only the 300 000-byte video
+    code, report = run_cli(
+        ["ranges", "--url", proxy.url, "--synapse-config", str(synapse.config_path),
+         "--sample", "10", "--kind", "video", "--min-size", "300000", "--max-size", "300000",
+         "--requests", "5", "--range-size", "1000"],
+        capsys,
+    )  # fmt: skip
+    assert code == 0 and report["targets"] == 1 and report["ok"] == 5, report
+    events = logged(proxy, report["request_id_prefix"], 5)
+    assert {e["media_id"] for e in events} == {files[1].media_id}
+
 
 def test_misses_evict_only_the_named_store_and_agree_with_the_log(
     synapse: Synapse,
