@@ -34,7 +34,7 @@ from typing import Any, Final
 
 import structlog
 
-from media_proxy import paths
+from media_proxy import metrics, paths
 from media_proxy.s3 import S3, S3Error, S3Unavailable
 
 log = structlog.get_logger(__name__)
@@ -42,6 +42,8 @@ log = structlog.get_logger(__name__)
 HOLDBACK: Final = 1
 # Chunks up to this size are written and hashed on the loop: a thread hop costs more.
 _INLINE_WRITE_MAX: Final = 64 * 1024
+# After a write into the cache failed, misses stream uncached this long before trying again.
+_DISK_RETRY_S: Final = 30.0
 _FOLLOW_POLL_MIN: Final = 0.002
 _FOLLOW_POLL_MAX: Final = 0.05
 _ACQUIRE_ATTEMPTS: Final = 50
@@ -261,6 +263,7 @@ class Filler:
         self.max_fills_per_client = max_fills_per_client
         self._leading: dict[str, str | None] = {}  # rel -> the client address that started it
         self._cannot_cache_logged: dict[str, float] = {}
+        self._disk_failed_until = 0.0
         umask = os.umask(0)
         os.umask(umask)
         self.file_mode = 0o666 & ~umask  # what Synapse's open(path, "wb") would give
@@ -290,8 +293,12 @@ class Filler:
         complete in the store. Raises CannotCache when the cache cannot take it, Busy past
         the caps on fills this worker leads."""
         fill = self._fills.get(rel)
-        if fill is None:
+        if fill is not None:
+            metrics.fill_joined(same_worker=True)
+        else:
             final = paths.in_store(str(self.cache_root), rel)
+            if time.monotonic() < self._disk_failed_until and not complete(final, length):
+                raise CannotCache("the cache's disk failed a moment ago")
             try:
                 role, fd = self._acquire(rel, final, length)
             except OSError as e:
@@ -306,6 +313,9 @@ class Filler:
                     self._abandon(rel, fd)
                     raise self._cannot_cache(rel, length, e) from e
                 self._leading[rel] = client
+                metrics.fill_started(self.in_flight)
+            else:
+                metrics.fill_joined(same_worker=False)
             fill = Fill(rel, final, length, fd)
             self._fills[rel] = fill
             driver = self._lead(fill, sha256) if role == "lead" else self._follow(fill)
@@ -334,6 +344,14 @@ class Filler:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.fill_dir / paths.fill_name(rel))
         os.close(fd)  # drops the lock
+
+    def _disk_failed(self, fill: Fill, error: OSError, *, promised: bool) -> Exception:
+        """A write into the cache failed. For the next `_DISK_RETRY_S` misses stream from S3
+        uncached rather than fail the same way; this fill's clients, if already promised
+        bytes, are aborted (FillFailed), else they are streamed uncached too (CannotCache)."""
+        self._disk_failed_until = time.monotonic() + _DISK_RETRY_S
+        cannot = self._cannot_cache(fill.rel, fill.length, error)
+        return FillFailed(f"writing the fill failed: {error}") if promised else cannot
 
     def _cannot_cache(self, rel: str, length: int, error: OSError) -> CannotCache:
         """The disk said no: log it once per interval and kind, and stream uncached."""
@@ -405,27 +423,34 @@ class Filler:
                 raise FillUnavailable("not in S3")
             if obj.length != fill.length:
                 raise FillUnavailable(f"S3 holds {obj.length} bytes, the database {fill.length}")
-            fill.started()
             hasher = hashlib.sha256() if sha256 else None
             written = 0
             async for chunk in obj.chunks(self.chunk_size):
                 if written + len(chunk) > fill.length:
                     raise FillFailed("S3 sent more bytes than it announced")
-                if len(chunk) <= _INLINE_WRITE_MAX:
-                    _write_at(fill.fd, chunk, written, hasher)
-                else:  # hashing and writing a large chunk would stall every other request
-                    await asyncio.to_thread(_write_at, fill.fd, chunk, written, hasher)
+                try:
+                    if len(chunk) <= _INLINE_WRITE_MAX:
+                        _write_at(fill.fd, chunk, written, hasher)
+                    else:  # hashing and writing a large chunk would stall other requests
+                        await asyncio.to_thread(_write_at, fill.fd, chunk, written, hasher)
+                except OSError as e:
+                    raise self._disk_failed(fill, e, promised=written > 0) from e
                 written += len(chunk)
                 fill.publish(written)
+                fill.started()  # clients get headers once the disk took the first bytes
+            fill.started()  # an empty file
             if written != fill.length:
                 raise FillFailed(f"S3 body ended after {written} of {fill.length} bytes")
             if hasher is not None and sha256 is not None and hasher.hexdigest() != sha256.lower():
                 raise FillFailed("sha256 of the S3 object differs from the database's")
-            await asyncio.to_thread(os.fsync, fill.fd)
-            if os.fstat(fill.fd).st_size != fill.length:
-                raise FillFailed("the fill file's size differs from what was written")
-            os.fchmod(fill.fd, self.file_mode)
-            _rename_into_place(name, fill.final_path)
+            try:
+                await asyncio.to_thread(os.fsync, fill.fd)
+                if os.fstat(fill.fd).st_size != fill.length:
+                    raise FillFailed("the fill file's size differs from what was written")
+                os.fchmod(fill.fd, self.file_mode)
+                _rename_into_place(name, fill.final_path)
+            except OSError as e:
+                raise self._disk_failed(fill, e, promised=True) from e
             fill.succeed()
             log.info("cache_fill.done", rel=fill.rel, bytes=written)
         except BaseException as e:
@@ -443,6 +468,7 @@ class Filler:
             fcntl.flock(fill.fd, fcntl.LOCK_UN)
             self._fills.pop(fill.rel, None)
             self._leading.pop(fill.rel, None)
+            metrics.fills_in_flight(self.in_flight)
             fill._close_if_unused()
 
     async def _follow(self, fill: Fill) -> None:

@@ -118,6 +118,8 @@ class Locator:
                 fill.release()
                 if e.retry:  # the process we followed had died: lead it ourselves
                     continue
+                if isinstance(e, CannotCache):  # the disk refused the first bytes
+                    return await self._direct(rel, length, sha256)
                 self._raise_if_down(e)
                 return None
             return Miss(rel, fill)

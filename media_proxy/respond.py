@@ -153,8 +153,10 @@ def _sendfile_now(transport: asyncio.Transport, fd: int, offset: int, count: int
         return os.sendfile(sock.fileno(), fd, offset, count)
     except (BlockingIOError, InterruptedError):
         return 0
-    except OSError as e:
-        raise ClientGone from e
+    except ConnectionError as e:
+        raise ClientGone(str(e)) from e
+    except OSError as e:  # the file's side: EIO and the like
+        raise Aborted(f"reading the file failed: {e}", cause="store") from e
 
 
 async def _sendfile(request: web.BaseRequest, fd: int, offset: int, count: int) -> None:
@@ -181,6 +183,8 @@ async def _sendfile(request: web.BaseRequest, fd: int, offset: int, count: int) 
         )
     except (ConnectionError, RuntimeError) as e:  # RuntimeError: "Transport is closing"
         raise ClientGone(str(e)) from e
+    except OSError as e:  # the file's side: EIO and the like
+        raise Aborted(f"reading the file failed: {e}", cause="store") from e
     state.sent += rest
     if sent + rest != count:
         raise Aborted(f"file ended {count - sent - rest} bytes early", cause="store")
