@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Final
 
+import cachetools
 from aiohttp import web
 
 from media_proxy import headers as h
@@ -37,6 +39,12 @@ class Outcome:
     bytes: int = 0
 
 
+# Store paths known to be in S3: the provider never deletes, so a yes stays true for as long
+# as a database row names the path (and every request reads the row first).
+_IN_S3_CACHE_SIZE: Final = 10_000
+_IN_S3_TTL_S: Final = 300.0
+
+
 @dataclass(frozen=True, slots=True)
 class Env:
     """The long-lived parts the steps use."""
@@ -45,6 +53,9 @@ class Env:
     authorizer: Authorizer
     metadata: Metadata
     locator: Locator
+    in_s3: cachetools.TTLCache[str, bool] = field(
+        default_factory=lambda: cachetools.TTLCache(maxsize=_IN_S3_CACHE_SIZE, ttl=_IN_S3_TTL_S)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,13 +132,18 @@ async def exists(env: Env, rel: str) -> bool:
     """
     if _in_store(env.locator.cache_root, rel):
         return True
+    if env.in_s3.get(rel):
+        return True
     filler = env.locator.filler
     if filler is None:
         return False
     try:
-        return await filler.s3.size(rel) is not None
+        found = await filler.s3.size(rel) is not None
     except S3Error:
         raise PassThrough from None
+    if found:
+        env.in_s3[rel] = True
+    return found
 
 
 def _in_store(root: str, rel: str) -> bool:
