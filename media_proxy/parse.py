@@ -78,9 +78,8 @@ _NON_ASCII_ESCAPE: Final = re.compile("%[89a-fA-F][0-9a-fA-F]")
 MAX_HEAD: Final = 16384  # totalHeadersSize: request line and header lines together
 MAX_LINE: Final = 16384  # LineReceiver.MAX_LENGTH: one line (Twisted drops the connection)
 MAX_HEADERS: Final = 500  # maxHeaders
-_TCHAR: Final = frozenset(
-    b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
-)
+_TOKEN: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TWISTED_TARGET: Final = re.compile(rb"[\x21-\xb0]+")  # Twisted's bound: 0xB0, not 0x7E
 _VERSIONS: Final = (b"HTTP/1.1", b"HTTP/1.0")
 
 
@@ -90,7 +89,7 @@ class BadRequest(ValueError):
 
 
 def _is_token(value: bytes) -> bool:
-    return bool(value) and all(c in _TCHAR for c in value)
+    return _TOKEN.fullmatch(value) is not None
 
 
 def read_request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
@@ -103,7 +102,7 @@ def read_request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
     method, target, version = fields
     if not _is_token(method):
         raise BadRequest("method is not a token")
-    if not target or any(c <= 0x20 or c > 0xB0 for c in target):
+    if _TWISTED_TARGET.fullmatch(target) is None:
         raise BadRequest("request target is empty or has a byte Twisted refuses")
     if version not in _VERSIONS:
         raise BadRequest("version is not HTTP/1.0 or HTTP/1.1")
@@ -112,7 +111,7 @@ def read_request_line(line: bytes) -> tuple[bytes, bytes, bytes]:
 
 def _origin_target(target: bytes) -> bytes:
     """The target to give aiohttp (and later Synapse) for a target Twisted accepted."""
-    if any(c > 0x7F for c in target):
+    if not target.isascii():
         # Twisted accepts bytes 0x80-0xB0, but Synapse then fails to decode the path as
         # ASCII and drops the connection without an answer (observed): refuse it cleanly.
         raise BadRequest("request target is not ASCII")
@@ -127,7 +126,9 @@ def _origin_target(target: bytes) -> bytes:
     # "#" is part of the path and query for Twisted, but an HTTP client cuts it off as a
     # fragment, and aiohttp refuses DEL. Escaped, Synapse decodes the same path segments
     # and parameters (only the path its 404 quotes shows the escape).
-    return target.replace(b"#", b"%23").replace(b"\x7f", b"%7F")
+    if b"#" in target or b"\x7f" in target:
+        target = target.replace(b"#", b"%23").replace(b"\x7f", b"%7F")
+    return target
 
 
 def read_head(lines: Sequence[bytes]) -> list[bytes]:
@@ -141,9 +142,10 @@ def read_head(lines: Sequence[bytes]) -> list[bytes]:
     """
     if not lines or not lines[0]:
         raise BadRequest("empty request line")
-    if sum(len(line) for line in lines) > MAX_HEAD:
+    lengths = list(map(len, lines))
+    if sum(lengths) > MAX_HEAD:
         raise BadRequest("request head larger than 16 KiB")
-    if any(len(line) > MAX_LINE for line in lines):
+    if max(lengths) > MAX_LINE:
         raise BadRequest("line longer than 16 KiB")
     method, target, version = read_request_line(lines[0])
     if method != method.upper():
