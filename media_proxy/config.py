@@ -133,6 +133,9 @@ class Config:
     # interval.
     cache_min_age: float = 86400.0
     cache_evict_interval: float = 60.0
+    # Background `s3 prune` (serve, off by default): one pass per interval, in one worker.
+    s3_prune_interval: float | None = None
+    s3_prune_min_age: float = 7 * 86400.0
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "info"
     sources: tuple[str, ...] = field(default=(), compare=False)
@@ -377,6 +380,8 @@ _OWN_KEYS: Final = frozenset(
         "cache_max_size",
         "cache_min_age",
         "cache_evict_interval",
+        "s3_prune_interval",
+        "s3_prune_min_age",
         "auth_cache_ttl",
         "auth_failure_ttl",
         "auth_cache_size",
@@ -580,6 +585,15 @@ def load(
             parse_duration(
                 own.get("cache_evict_interval", 60), source=own_src, key="cache_evict_interval"
             ),
+        ),
+        s3_prune_interval=None
+        if own.get("s3_prune_interval") is None
+        else max(
+            1.0,
+            parse_duration(own["s3_prune_interval"], source=own_src, key="s3_prune_interval"),
+        ),
+        s3_prune_min_age=parse_duration(
+            own.get("s3_prune_min_age", "7d"), source=own_src, key="s3_prune_min_age"
         ),
         log_format=log_format,  # type: ignore[arg-type]
         log_level=r.text("log_level", "info") or "info",

@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime
+import fcntl
+import io
 import json
 import os
 import posixpath
@@ -43,9 +46,9 @@ import structlog
 from media_proxy import logs, paths
 from media_proxy.config import Config, ConfigError, load, parse_duration
 from media_proxy.inventory import Kind
-from media_proxy.metadata import Database, PostgresDatabase, open_database
+from media_proxy.metadata import Database, DatabaseError, PostgresDatabase, open_database
 from media_proxy.progress import Progress, human
-from media_proxy.s3 import S3
+from media_proxy.s3 import S3, S3Error
 from media_proxy.upkeep import UsageError, run
 
 log = structlog.get_logger("media_proxy.s3")
@@ -395,14 +398,24 @@ class PruneReport:
 class Pruner:
     """Deletes orphans (see the module docstring), a batch at a time."""
 
-    def __init__(self, db: Database, s3: S3, rules: PruneRules, *, out: Out, verbose: bool) -> None:
+    def __init__(
+        self,
+        db: Database,
+        s3: S3,
+        rules: PruneRules,
+        *,
+        out: Out,
+        verbose: bool,
+        show_progress: bool = True,
+    ) -> None:
         self.db, self.s3, self.rules = db, s3, rules
-        self.out, self.verbose = out, verbose
+        self.out, self.verbose, self.show_progress = out, verbose, show_progress
         self.report = PruneReport(rules.dry_run)
 
     async def run(self) -> PruneReport:
         started = time.monotonic()
-        progress = _Listing("s3_prune", 0, 0)
+        # Not a terminal, so a background pass logs its progress instead of drawing it.
+        progress = _Listing("s3_prune", 0, 0, stream=None if self.show_progress else io.StringIO())
         pending: list[Obj] = []
         try:
             async for objs in classified_pages(self.db, self.s3):
@@ -479,9 +492,8 @@ class Pruner:
             _add(self.report.deleted, o.info.kind, o.size)
             self.report.reasons[o.reason] += 1
             done += 1
-            if self.verbose:
-                verb = "would delete" if self.rules.dry_run else "deleted"
-                self.out(f"{verb} {o.info.kind.value} {o.rel} {o.size} {o.reason}")
+            if self.verbose and self.rules.dry_run:
+                self.out(f"would delete {o.info.kind.value} {o.rel} {o.size} {o.reason}")
         log.info(
             "s3_prune.batch",
             dry_run=self.rules.dry_run,
@@ -489,6 +501,75 @@ class Pruner:
             bytes=sum(o.size for o in doomed if o.rel not in errors),
             errors=len(errors),
         )
+
+
+class BackgroundPruner:
+    """`serve` with `s3_prune_interval` (off by default): a prune pass per interval, with the
+    rules of `s3 prune` and `s3_prune_min_age`, in the one worker holding an flock on
+    `<cache>/.media-proxy/s3-prune.lock` (the kernel drops it if that worker dies, and another
+    takes over). Nothing is printed; each pass logs one `s3_prune.pass` event."""
+
+    def __init__(self, config: Config, s3: S3) -> None:
+        assert config.s3_prune_interval is not None
+        self.config, self.s3 = config, s3
+        self.interval = config.s3_prune_interval
+        self.rules = PruneRules(min_age=config.s3_prune_min_age)
+        self.lock_path = config.cache_path / paths.STATE_DIR / "s3-prune.lock"
+        self.db: Database | None = None
+        self._fd = -1
+        self._task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            try:
+                await self.tick()
+            except (DatabaseError, S3Error, OSError) as e:
+                log.warning("s3_prune.pass_failed", error=str(e))
+            except Exception:
+                log.exception("s3_prune.pass_failed")
+
+    def _locked(self) -> bool:
+        if self._fd >= 0:
+            return True
+        self.lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    async def tick(self) -> PruneReport | None:
+        """One pass, if this process holds the lock."""
+        if not self._locked():
+            return None
+        if self.db is None:
+            self.db = await open_database(self.config.database)
+        pruner = Pruner(
+            self.db, self.s3, self.rules, out=lambda _: None, verbose=False, show_progress=False
+        )
+        report = await pruner.run()
+        summary = report.as_dict()
+        summary["unparseable"] = report.skipped["unparseable"]
+        log.info("s3_prune.pass", **summary)
+        return report
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self.db is not None:
+            await self.db.close()
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
 
 
 # --- audit ------------------------------------------------------------------------------------

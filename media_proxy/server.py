@@ -25,6 +25,7 @@ from media_proxy.authorize import Authorizer
 from media_proxy.config import Config
 from media_proxy.evict import BackgroundEvictor
 from media_proxy.fill import Filler
+from media_proxy.lifecycle import BackgroundPruner
 from media_proxy.locate import Locator
 from media_proxy.metadata import Metadata, open_database
 from media_proxy.parse import Kind
@@ -52,6 +53,7 @@ class Proxy:
         self.metadata: Metadata | None = None
         self.pipeline: MediaPipeline | None = None
         self.evictor: BackgroundEvictor | None = None
+        self.pruner: BackgroundPruner | None = None
 
     async def start(self) -> None:
         """Build the long-lived parts inside the worker's event loop."""
@@ -83,6 +85,9 @@ class Proxy:
             if config.cache_max_size is not None:
                 self.evictor = BackgroundEvictor(config, self.s3)
                 await self.evictor.start()
+            if config.s3_prune_interval is not None:
+                self.pruner = BackgroundPruner(config, self.s3)
+                await self.pruner.start()
         authorizer = Authorizer(
             self.synapse,
             ttl=config.auth_cache_ttl,
@@ -93,6 +98,8 @@ class Proxy:
         self.pipeline = MediaPipeline(config, authorizer, self.metadata, locator)
 
     async def close(self) -> None:
+        if self.pruner is not None:
+            await self.pruner.close()
         if self.evictor is not None:
             await self.evictor.close()
         if self.filler is not None:

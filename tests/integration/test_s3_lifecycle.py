@@ -25,6 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
+from devstack.proxy import MediaProxy
 from devstack.samples import png
 from devstack.seaweed import SeaweedFS
 from devstack.synapse import Synapse
@@ -456,4 +457,53 @@ def test_audit_finds_lost_media_and_counts_orphans(env: Env) -> None:
     assert final.returncode == (3 if clean["lost"] else 0)  # others' lost media may remain
     assert clean["orphans"] == 0
     assert lost.media_id not in {m["media_id"] for m in clean["lost_media"]}
+    env.seaweed.client().delete_object(Bucket=env.bucket, Key=stray)
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["prune", "--min-age", "soon"], "--min-age"),
+        (["prune", "--kinds", "local_originals,avatars"], "--kinds"),
+        (["prune", "--batch-size", "5000"], "--batch-size"),
+        (["prune", "--batch-size", "0"], "--batch-size"),
+    ],
+)
+def test_bad_input_is_one_line(env: Env, args: list[str], named: str) -> None:
+    before = env.objects()
+    result = env.cli(*args, status=2)
+    assert result.stdout == ""
+    assert len(result.stderr.splitlines()) == 1 and named in result.stderr, result.stderr
+    assert env.objects() == before
+
+
+def test_serve_prunes_in_the_background_when_asked(env: Env) -> None:
+    """`s3_prune_interval` in `serve`: the same rules, one worker, one event per pass."""
+    env.prune_all()
+    kept = env.image(10)
+    deleted = env.image(11)
+    doomed = env.keys_of(deleted)
+    env.delete_media(deleted)
+    stray = f"junk/{random_id(10)}"
+    env.put(stray, b"not media")
+    proxy = MediaProxy(
+        env.workdir / "proxy",
+        synapse_config=env.synapse.config_path,
+        synapse_url=env.synapse.url,
+        workers=2,
+        config={"s3_prune_interval": 1, "s3_prune_min_age": 0},
+    ).start()
+    try:
+        deadline = time.monotonic() + 60
+        while not (passes := [e for e in proxy.log_events() if e["event"] == "s3_prune.pass"]):
+            assert time.monotonic() < deadline, "no s3_prune.pass event"
+            time.sleep(0.05)
+        first = passes[0]
+        assert first["objects"] == len(doomed), first
+        after = set(env.objects())
+        assert not doomed & after
+        assert env.keys_of(kept) <= after and stray in after
+        assert first["unparseable"] >= 1
+    finally:
+        proxy.stop()
     env.seaweed.client().delete_object(Bucket=env.bucket, Key=stray)
