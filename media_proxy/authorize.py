@@ -14,6 +14,7 @@ from typing import Final, Protocol
 
 import cachetools
 
+from media_proxy import metrics
 from media_proxy.headers import error_body
 from media_proxy.inflight import Inflight
 from media_proxy.parse import Query
@@ -91,8 +92,10 @@ class Authorizer:
         """
         key = (creds.cache_key, client_ip)
         if key in self._allowed:
+            metrics.cache_lookup("auth", hit=True)
             return None
         denied = self._denied.get(key)
+        metrics.cache_lookup("auth", hit=denied is not None)
         if denied is not None:
             return denied
         result = await self._inflight.run(key, lambda: self._synapse.whoami(creds, client_ip))

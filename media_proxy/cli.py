@@ -27,6 +27,7 @@ _CONFIG_FLAGS: Final[dict[str, dict[str, Any]]] = {
     "--synapse-url": {"help": "where Synapse listens, e.g. http://127.0.0.1:8008"},
     "--listen": {"help": "HOST:PORT to listen on (default 127.0.0.1:8011)"},
     "--workers": {"type": int, "help": "worker processes sharing the port"},
+    "--metrics-listen": {"help": "HOST:PORT for Prometheus metrics at /metrics (default: off)"},
     "--cache-path": {"help": "cache directory (default: Synapse's media store)"},
     "--accel-redirect": {
         "help": "nginx internal location for cache hits, e.g. /_media_proxy_cache/"
@@ -134,6 +135,7 @@ def _load(args: argparse.Namespace) -> Config:
             "synapse_url",
             "listen",
             "workers",
+            "metrics_listen",
             "cache_path",
             "accel_redirect",
             "log_format",

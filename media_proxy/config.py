@@ -107,6 +107,8 @@ class Config:
     listen_host: str = "127.0.0.1"
     listen_port: int = 8011
     workers: int = 1
+    # Prometheus metrics on their own HOST:PORT (every worker answers, sums across workers).
+    metrics_listen: tuple[str, int] | None = None
     # Positive whoami answers are trusted this long: a logout or lock takes effect after it.
     auth_cache_ttl: float = 10.0
     auth_failure_ttl: float = 2.0
@@ -375,6 +377,7 @@ _OWN_KEYS: Final = frozenset(
         "synapse_working_directory",
         "listen",
         "workers",
+        "metrics_listen",
         "cache_path",
         "accel_redirect",
         "cache_max_size",
@@ -530,6 +533,12 @@ def load(
     )
     r = _Reader(own, own_src, flags=flags)
     workers = int(r.number("workers", 1, minimum=1))
+    metrics_listen: tuple[str, int] | None = None
+    if own.get("metrics_listen") is not None:
+        m_src, m_key = origin("metrics_listen")
+        metrics_listen = parse_listen(str(own["metrics_listen"]), source=m_src, key=m_key)
+        if metrics_listen[1] == port:
+            raise ConfigError(m_src, m_key, f"must differ from listen's port {port}")
     log_format = r.text("log_format", "auto")
     if log_format not in ("auto", "json", "console"):
         raise r.error("log_format", f"expected auto, json or console, got {log_format!r}")
@@ -557,6 +566,7 @@ def load(
         listen_host=host,
         listen_port=port,
         workers=workers,
+        metrics_listen=metrics_listen,
         auth_cache_ttl=r.number("auth_cache_ttl", 10.0),
         auth_failure_ttl=r.number("auth_failure_ttl", 2.0),
         auth_cache_size=int(r.number("auth_cache_size", 10_000, minimum=1)),

@@ -34,7 +34,7 @@ from typing import Final
 
 import structlog
 
-from media_proxy import paths
+from media_proxy import metrics, paths
 from media_proxy.config import Config
 from media_proxy.inventory import IN_S3, CachedFile, annotate, walk
 from media_proxy.metadata import Database, DatabaseError, open_database
@@ -294,6 +294,7 @@ class BackgroundEvictor:
             return None
         root = str(self.config.cache_path)
         files = await asyncio.to_thread(walk, root)
+        metrics.store_size(sum(f.size for f in files))
         if sum(f.size for f in files) <= self.max_size:
             return None  # under budget: no database work
         if self.db is None:
@@ -303,6 +304,8 @@ class BackgroundEvictor:
         summary = await evictor.run(
             files, self.max_size, max_files=BACKGROUND_MAX_FILES, time_limit=self.interval / 2
         )
+        metrics.evicted(summary.files, summary.bytes)
+        metrics.store_size(summary.extra.get("after_bytes", 0))
         if summary.files or summary.skipped:
             log.info("cache_evict.pass", **summary.as_dict())
         if summary.extra.get("over_budget_bytes") and "stopped" not in summary.extra:

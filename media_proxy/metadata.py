@@ -23,6 +23,7 @@ import asyncpg
 import cachetools
 import structlog
 
+from media_proxy import metrics
 from media_proxy.config import DatabaseConfig
 from media_proxy.inflight import Inflight
 
@@ -466,6 +467,7 @@ class Metadata:
         self._flusher = asyncio.create_task(self._flush_loop())
 
     async def local_media(self, media_id: str) -> LocalMedia | None:
+        metrics.cache_lookup("local_media", hit=media_id in self._rows)
         try:
             return self._rows[media_id]
         except KeyError:
@@ -487,6 +489,7 @@ class Metadata:
 
     async def remote_media(self, origin: str, media_id: str) -> RemoteMedia | None:
         key = (origin, media_id)
+        metrics.cache_lookup("remote_media", hit=key in self._remote)
         try:
             return self._remote[key]
         except KeyError:
@@ -535,6 +538,10 @@ class Metadata:
         while True:
             await asyncio.sleep(self._flush_interval)
             await self.flush()
+
+    async def ping(self) -> None:
+        """Raise DatabaseError unless the database answers a query now (readiness)."""
+        await self.db.local_media("")  # no media id is empty: one indexed lookup, no row
 
     async def close(self) -> None:
         if self._flusher is not None:

@@ -163,6 +163,13 @@ class SynapseClient:
             return Denied(resp.status, body)
         raise SynapseUnavailable(f"whoami answered {resp.status}")
 
+    async def health(self) -> None:
+        """Raise unless Synapse's /health answers 200 (the proxy's readiness)."""
+        url = URL(self.base_url + "/health")
+        async with self._session.get(url, timeout=aiohttp.ClientTimeout(total=5)) as resp:
+            if resp.status != 200:
+                raise SynapseUnavailable(f"/health answered {resp.status}")
+
 
 def _client_gone(request: web.BaseRequest) -> bool:
     return request.transport is None or request.transport.is_closing()

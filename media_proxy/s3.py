@@ -20,6 +20,7 @@ import structlog
 from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
+from media_proxy import metrics
 from media_proxy.breaker import Breaker
 from media_proxy.config import S3Config
 
@@ -115,6 +116,7 @@ class S3:
         """Start a GET; None when the key does not exist. Raises S3Unavailable within
         `config.timeout` (retries included), at once while the breaker is open."""
         if not self.breaker.allow():
+            metrics.s3_breaker_refused()
             raise S3Unavailable(f"GetObject {rel}: S3 failed repeatedly, not asked for now")
         key = self.key(rel)
         try:
@@ -139,6 +141,7 @@ class S3:
 
     def _failed(self, error: S3Unavailable) -> None:
         if self.breaker.failure():
+            metrics.s3_breaker_opened()
             log.warning(
                 "s3.breaker_open", error=str(error), retry_in_s=self.config.breaker_cooldown
             )
@@ -252,7 +255,7 @@ class S3:
     async def _call(self, what: str, key: str, call: Any, *, missing_ok: bool = False) -> Any:
         """Await one S3 call; errors become S3Error, or None for a missing key if allowed."""
         try:
-            return await call
+            return await metrics.s3_call(what, call)
         except ClientError as e:
             if missing_ok and _error_code(e) in _NOT_FOUND:
                 return None

@@ -19,7 +19,7 @@ from typing import Final
 import structlog
 from aiohttp import web
 
-from media_proxy import connection, parse, respond
+from media_proxy import connection, metrics, parse, respond
 from media_proxy import headers as h
 from media_proxy.authorize import Authorizer
 from media_proxy.config import Config
@@ -38,6 +38,7 @@ from media_proxy.s3 import S3
 log = structlog.get_logger("media_proxy")
 
 HEALTH_PATH: Final = "/_media_proxy/health"
+READY_PATH: Final = "/_media_proxy/ready"
 _CRASH_LOOP_S: Final = 5.0
 _STOP_SIGNALS: Final = frozenset({signal.SIGTERM, signal.SIGINT})
 
@@ -54,6 +55,8 @@ class Proxy:
         self.pipeline: MediaPipeline | None = None
         self.evictor: BackgroundEvictor | None = None
         self.pruner: BackgroundPruner | None = None
+        self.readiness: metrics.Readiness | None = None
+        self.metrics_listener: web.AppRunner | None = None
 
     async def start(self) -> None:
         """Build the long-lived parts inside the worker's event loop."""
@@ -96,8 +99,28 @@ class Proxy:
         )
         locator = Locator(config.cache_path, self.filler, s3_unavailable=config.s3_unavailable)
         self.pipeline = MediaPipeline(config, authorizer, self.metadata, locator)
+        self.readiness = self._readiness()
+        if config.metrics_listen is not None:
+            self.metrics_listener = await metrics.start_listener(
+                *config.metrics_listen, reuse_port=config.workers > 1
+            )
+
+    def _readiness(self) -> metrics.Readiness:
+        """/ready's parts: S3 (if configured), the database and Synapse must answer."""
+        s3, metadata, synapse = self.s3, self.metadata, self._synapse()
+        assert metadata is not None
+        probes: dict[str, metrics.Probe] = {}
+        if s3 is not None:
+            probes["s3"] = s3.check_bucket
+        probes["database"] = metadata.ping
+        probes["synapse"] = synapse.health
+        return metrics.Readiness(
+            probes, lambda: {"s3_breaker": s3.breaker.state} if s3 is not None else {}
+        )
 
     async def close(self) -> None:
+        if self.metrics_listener is not None:
+            await self.metrics_listener.cleanup()
         if self.pruner is not None:
             await self.pruner.close()
         if self.evictor is not None:
@@ -151,6 +174,15 @@ class Proxy:
             return response
         finally:
             sending = started_response(request)
+            # counted before the event is logged: a test that saw the event sees the count
+            metrics.request(
+                kind=f"{media.api.value}-{media.kind.value}" if media else "other",
+                source=outcome.source,
+                status=response.status if response is not None else None,
+                bytes=sending.sent if sending is not None else outcome.bytes,
+                seconds=time.perf_counter() - started,
+                aborted=aborted,
+            )
             log.info(
                 "request",
                 request_id=request.headers.get("X-Request-ID") or os.urandom(8).hex(),
@@ -171,6 +203,9 @@ class Proxy:
         if request.path == HEALTH_PATH:
             outcome.source = "proxy"
             return web.json_response({"status": "ok"})
+        if request.path == READY_PATH and self.readiness is not None:
+            outcome.source = "proxy"
+            return await self.readiness.respond()
         response: web.StreamResponse | None = None
         if media is not None and self.pipeline is not None:
             try:
@@ -268,6 +303,8 @@ def serve(config: Config) -> int:
     # Held until a handler is in place (`_run_worker`, `_supervise`): a stop during start-up
     # is then a clean stop, not a KeyboardInterrupt.
     signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+    if config.metrics_listen is not None:
+        metrics.enable()  # before the workers fork: they inherit multiprocess mode
     if config.s3 is not None:
         config.cache_path.mkdir(parents=True, exist_ok=True)
         removed = Filler(config.cache_path, S3(config.s3), chunk_size=1).prepare()
@@ -277,6 +314,7 @@ def serve(config: Config) -> int:
         "server.start",
         listen=f"{config.listen_host}:{config.listen_port}",
         workers=config.workers,
+        metrics_listen=":".join(map(str, config.metrics_listen or ())) or None,
         server_name=config.server_name,
         cache_path=str(config.cache_path),
         synapse_url=config.synapse_url,
@@ -339,6 +377,7 @@ def _supervise(config: Config) -> int:
         if pid not in children:
             continue
         slot = children.pop(pid)
+        metrics.process_dead(pid)
         code = os.waitstatus_to_exitcode(status)
         if received or failed:
             if code != 0:
