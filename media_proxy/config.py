@@ -116,6 +116,8 @@ class Config:
     # A quarantine, deletion or new upload is seen by the proxy within this many seconds.
     metadata_cache_ttl: float = 5.0
     metadata_cache_size: int = 50_000
+    # A database lookup slower than this is undecidable: the request goes to Synapse.
+    database_timeout: float = 5.0
     access_flush_interval: float = 60.0
     s3_chunk_size: int = 1024 * 1024
     # What a miss gets while S3 cannot answer: "error" (502/504 at once) or "synapse".
@@ -390,6 +392,7 @@ _OWN_KEYS: Final = frozenset(
         "auth_cache_size",
         "metadata_cache_ttl",
         "metadata_cache_size",
+        "database_timeout",
         "access_flush_interval",
         "s3_chunk_size",
         "s3_unavailable",
@@ -572,6 +575,7 @@ def load(
         auth_cache_size=int(r.number("auth_cache_size", 10_000, minimum=1)),
         metadata_cache_ttl=r.number("metadata_cache_ttl", 5.0),
         metadata_cache_size=int(r.number("metadata_cache_size", 50_000, minimum=1)),
+        database_timeout=r.number("database_timeout", 5.0, minimum=0.05),
         access_flush_interval=r.number("access_flush_interval", 60.0, minimum=0.1),
         s3_chunk_size=parse_size(
             own.get("s3_chunk_size", "1M"), source=own_src, key="s3_chunk_size"

@@ -41,6 +41,7 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
                 structlog.stdlib.add_logger_name,
                 structlog.stdlib.add_log_level,
                 structlog.processors.TimeStamper(fmt="iso", utc=True),
+                _library_warning_without_traceback,
             ],
         )
     )
@@ -49,3 +50,18 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
     root.setLevel(logging.WARNING)
     # aiohttp's own access log would be a second line per request: ours carries more.
     logging.getLogger("aiohttp.access").disabled = True
+
+
+def _library_warning_without_traceback(
+    _logger: object, _method: str, event: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    """A library's warning about an expected condition (asyncpg retrying a database that is
+    down, say) becomes one line with the error; its traceback is kept for errors only."""
+    record = event.get("_record")
+    exc_info = event.get("exc_info")
+    if record is not None and record.levelno < logging.ERROR and exc_info:
+        error = exc_info[1] if isinstance(exc_info, tuple) else None
+        event.pop("exc_info")
+        if error is not None:
+            event["error"] = f"{type(error).__name__}: {error}"
+    return event

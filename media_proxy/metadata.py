@@ -14,9 +14,9 @@ import os
 import sqlite3
 import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 import aiosqlite
 import asyncpg
@@ -27,6 +27,13 @@ from media_proxy import metrics
 from media_proxy.config import DatabaseConfig
 from media_proxy.inflight import Inflight
 
+T = TypeVar("T")
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """Mark a given-up query's outcome as seen (no "exception never retrieved" noise)."""
+    if not task.cancelled():
+        task.exception()
 log = structlog.get_logger(__name__)
 
 _LOCAL_COLUMNS: Final = (
@@ -429,8 +436,21 @@ RemoteKey = tuple[str, str]  # (origin, media_id)
 class Metadata:
     """Cached row lookups plus the access-time batch, over one `Database`."""
 
-    def __init__(self, db: Database, *, ttl: float, maxsize: int, flush_interval: float) -> None:
+    def __init__(
+        self,
+        db: Database,
+        *,
+        ttl: float,
+        maxsize: int,
+        flush_interval: float,
+        timeout: float = 5.0,
+    ) -> None:
         self.db = db
+        # A lookup that takes longer is undecidable: the request goes to Synapse.
+        self._timeout = timeout
+        # Access times are advisory: past this many pending, new ones are dropped, so a
+        # database that is down for long cannot make the pending set grow without bound.
+        self._max_pending = maxsize
         self._rows: cachetools.TTLCache[str, LocalMedia | None] = cachetools.TTLCache(
             maxsize=maxsize, ttl=ttl
         )
@@ -472,7 +492,9 @@ class Metadata:
             return self._rows[media_id]
         except KeyError:
             pass
-        row = await self._inflight.run(media_id, lambda: self.db.local_media(media_id))
+        row = await self._inflight.run(
+            media_id, lambda: self._bounded(self.db.local_media(media_id))
+        )
         self._rows[media_id] = row
         return row
 
@@ -482,7 +504,7 @@ class Metadata:
         except KeyError:
             pass
         rows = await self._inflight_thumbnails.run(
-            media_id, lambda: self.db.local_thumbnails(media_id)
+            media_id, lambda: self._bounded(self.db.local_thumbnails(media_id))
         )
         self._thumbnails[media_id] = rows
         return rows
@@ -494,7 +516,9 @@ class Metadata:
             return self._remote[key]
         except KeyError:
             pass
-        row = await self._inflight_remote.run(key, lambda: self.db.remote_media(origin, media_id))
+        row = await self._inflight_remote.run(
+            key, lambda: self._bounded(self.db.remote_media(origin, media_id))
+        )
         self._remote[key] = row
         return row
 
@@ -505,18 +529,32 @@ class Metadata:
         except KeyError:
             pass
         rows = await self._inflight_remote_thumbnails.run(
-            key, lambda: self.db.remote_thumbnails(origin, media_id)
+            key, lambda: self._bounded(self.db.remote_thumbnails(origin, media_id))
         )
         self._remote_thumbnails[key] = rows
         return rows
 
+    async def _bounded(self, query: Coroutine[Any, Any, T]) -> T:
+        """One query within the timeout; a slow or hung database is a DatabaseError.
+
+        The query is left to finish its cancellation on its own: asyncpg cancels through
+        the server, which a hung database never answers, so awaiting it would not bound.
+        """
+        task = asyncio.ensure_future(query)
+        done, _ = await asyncio.wait({task}, timeout=self._timeout)
+        if not done:
+            task.cancel()
+            task.add_done_callback(_retrieve)
+            raise DatabaseError(f"no answer within {self._timeout} s")
+        return task.result()
+
     def mark_accessed(self, media_id: str) -> None:
-        if self._writable:
+        if self._writable and len(self._accessed) < self._max_pending:
             self._accessed.add(media_id)
 
     def mark_remote_accessed(self, origin: str, media_id: str) -> None:
         """Remote rows' `last_access_ts` drives `remote_media_lifetime` and the evictor."""
-        if self._writable:
+        if self._writable and len(self._accessed_remote) < self._max_pending:
             self._accessed_remote.add((origin, media_id))
 
     async def flush(self) -> None:
@@ -524,20 +562,25 @@ class Metadata:
         if self._accessed:
             batch, self._accessed = sorted(self._accessed), set()
             try:
-                await self.db.touch_local(batch, now_ms)
+                await self._bounded(self.db.touch_local(batch, now_ms))
             except DatabaseError as e:
                 log.warning("access_times.flush_failed", error=str(e), count=len(batch))
         if self._accessed_remote:
             keys, self._accessed_remote = sorted(self._accessed_remote), set()
             try:
-                await self.db.touch_remote(keys, now_ms)
+                await self._bounded(self.db.touch_remote(keys, now_ms))
             except DatabaseError as e:
                 log.warning("access_times.flush_failed", error=str(e), count=len(keys), remote=True)
 
     async def _flush_loop(self) -> None:
+        """Runs for the worker's life: no error may end it (a dead loop would let the
+        pending access times grow until the cap, and never write them)."""
         while True:
             await asyncio.sleep(self._flush_interval)
-            await self.flush()
+            try:
+                await self.flush()
+            except Exception as e:
+                log.error("access_times.flush_error", error=repr(e))
 
     async def ping(self) -> None:
         """Raise DatabaseError unless the database answers a query now (readiness)."""

@@ -73,6 +73,7 @@ class Proxy:
             ttl=config.metadata_cache_ttl,
             maxsize=config.metadata_cache_size,
             flush_interval=config.access_flush_interval,
+            timeout=config.database_timeout,
         )
         await self.metadata.start()
         if config.s3 is not None:

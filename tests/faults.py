@@ -24,6 +24,8 @@ Faults, switchable at any time from any thread (they apply to requests arriving 
 - cut: forward only the first N bytes of a matching response (status line and headers
   included), then close both sides, so the client sees an incomplete body;
 - down: stop listening, so new connections are refused, and close the open ones;
+- hang: hold every byte the server sends, on every connection, until ``clear_faults()``
+  (any protocol: a database that stops answering);
 - stall: forward the first N bytes of a matching response, then hold the rest until
   ``clear_faults()`` (a server that hangs mid-body); ``wait_stalled(k)`` returns once k
   responses are held, a point a test can key to instead of a sleep.
@@ -166,6 +168,7 @@ class FaultProxy:
         self._stalled = 0
         self._stall_changed = threading.Condition(self._lock)
         self._release: asyncio.Event | None = None
+        self._hanging = False
         self._down = False
         self._conns: set[_Conn] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -282,6 +285,11 @@ class FaultProxy:
         with self._lock:
             self._cuts.append(_Cut(nbytes, match, times))
 
+    def hang(self) -> None:
+        """Hold every byte the server sends, on every connection, until ``clear_faults()``."""
+        with self._lock:
+            self._hanging = True
+
     def stall_after(
         self, nbytes: int, *, match: Match | None = None, times: int | None = None
     ) -> None:
@@ -314,6 +322,7 @@ class FaultProxy:
             self._latency, self._latency_match = 0.0, None
             self._cuts.clear()
             self._stalls.clear()
+            self._hanging = False
         if self._loop is not None:
             self._call(self._release_stalls)
         self.set_down(False)
@@ -389,6 +398,9 @@ class FaultProxy:
 
     async def _server_to_client(self, reader: asyncio.StreamReader, conn: _Conn) -> None:
         while data := await reader.read(_READ_SIZE):
+            while self._hanging:
+                assert self._release is not None
+                await self._release.wait()
             if conn.latency:
                 delay, conn.latency = conn.latency, 0.0
                 await asyncio.sleep(delay)

@@ -25,13 +25,23 @@ from typing import Any
 
 import pytest
 
+from devstack.postgres import PostgresDatabase
 from devstack.proxy import MediaProxy
 from devstack.seaweed import SeaweedFS
 from devstack.synapse import Synapse
 from media_proxy import paths
 from tests.faults import FaultProxy
 from tests.integration.conftest import TEST_PROXY_CONFIG
-from tests.integration.media import Answer, Media, bearer, evict, request, store_file, upload
+from tests.integration.media import (
+    Answer,
+    Media,
+    bearer,
+    evict,
+    request,
+    sql,
+    store_file,
+    upload,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -451,3 +461,69 @@ def test_sigterm_stops_accepting_and_ends_within_the_grace_period(
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", server.port), timeout=2).close()
     assert not store_file(synapse, media).exists()
+
+
+# --- the database -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("synapse", ["postgres"], indirect=True)
+def test_database_hanging_or_down_sends_requests_to_synapse_and_access_times_resume(
+    synapse: Synapse, user_token: str, start_proxy: StartProxy
+) -> None:
+    """Undecidable requests (no row within `database_timeout`) go to Synapse, never served
+    unchecked; the access-time flusher survives the outage and writes again afterwards."""
+    db = synapse.database
+    assert isinstance(db, PostgresDatabase)
+    token = user_token
+    with FaultProxy(db.host, db.port) as pg_faults:
+        server = start_proxy(
+            database={
+                "name": "psycopg2",
+                "args": {
+                    "host": pg_faults.host,
+                    "port": pg_faults.port,
+                    "user": db.user,
+                    "dbname": db.database,
+                    **({"password": db.password} if db.password else {}),
+                },
+            },
+            database_timeout=1.0,
+        )
+        media = [new_media(synapse, token, 20_000, f"db{i}.bin") for i in range(3)]
+
+        pg_faults.hang()
+        answer, took = timed(lambda: get(server, media[0], token, rid="db-hang"))
+        assert answer.status == 200 and answer.body == media[0].data
+        assert took < 5
+        assert request_event(server, "db-hang")["source"] == "synapse"
+
+        pg_faults.clear_faults()
+        pg_faults.set_down(True)
+        answer = get(server, media[1], token, rid="db-down")
+        assert answer.status == 200 and answer.body == media[1].data
+        assert request_event(server, "db-down")["source"] == "synapse"
+
+        pg_faults.clear_faults()
+        sql(
+            synapse,
+            "UPDATE local_media_repository SET last_access_ts = 1 WHERE media_id = ?",
+            media[2].media_id,
+        )
+
+        def served_by_the_proxy() -> bool:  # the pool reconnects on its first use
+            rid = f"db-back-{uuid.uuid4().hex[:6]}"
+            answer = get(server, media[2], token, rid=rid)
+            assert answer.body == media[2].data
+            return request_event(server, rid)["source"] == "cache"
+
+        assert wait_for(served_by_the_proxy)
+
+        def accessed() -> bool:
+            rows = sql(
+                synapse,
+                "SELECT last_access_ts FROM local_media_repository WHERE media_id = ?",
+                media[2].media_id,
+            )
+            return bool(rows and rows[0][0] and rows[0][0] > 1)
+
+        assert wait_for(accessed)

@@ -19,7 +19,6 @@ from devstack import Postgres, SeaweedFS, Synapse
 from devstack.postgres import PostgresDatabase
 from devstack.proxy import MediaProxy
 from devstack.seaweed import WEED_TMP
-from tests.faults import FaultProxy
 from tests.integration.conftest import TEST_PROXY_CONFIG
 from tests.integration.media import bearer, evict, request, store_file, upload
 
@@ -191,27 +190,6 @@ def test_read_only_database_is_reported_once_and_serving_goes_on(
         assert not [e for e in events if e["event"] == "access_times.flush_failed"]
     finally:
         reader.stop()
-
-
-def test_s3_down_falls_back_to_synapse(
-    synapse: Synapse, proxy: MediaProxy, user_token: str, s3_faults: FaultProxy
-) -> None:
-    media = upload(
-        synapse.url,
-        user_token,
-        os.urandom(20_000),
-        name="down.bin",
-        server_name=synapse.server_name,
-    )
-    evict(synapse, media)
-    s3_faults.set_down(True)
-    try:
-        answer = request(proxy.url, media.client_path(), headers=bearer(user_token), timeout=60)
-    finally:
-        s3_faults.set_down(False)
-    # Synapse reads SeaweedFS directly, so the client still gets its file.
-    assert answer.status == 200 and answer.body == media.data
-    assert not store_file(synapse, media).exists()
 
 
 @pytest.mark.parametrize("workers", [2])
