@@ -471,9 +471,13 @@ async def test_ranges_and_errors_by_status(origin: tuple[str, Origin]) -> None:
     report = await bench.run(ranges, Planner("ranges", [target()], range_span=64, seed=2))
     assert report["ok"] == 10 and report["statuses"] == {"206": 10}
     assert all(r is not None and r.startswith("bytes=") for _, _, r in served.seen)
-    unauthorized = Options(url=url, token="bad", duration=None, requests=3)
+    terminal = io.StringIO()
+    unauthorized = Options(url=url, token="bad", duration=None, requests=3, progress=terminal)
     report = await bench.run(unauthorized, Planner("hit", [target()]))
     assert report["ok"] == 0 and report["errors"] == {"status_401": 3}
+    # the progress line is redrawn in place and erased at the end
+    assert terminal.getvalue().startswith("\r\x1b[Kbench: ")
+    assert "1 errors" in terminal.getvalue() and terminal.getvalue().endswith("\r\x1b[K")
 
 
 async def test_the_command_prints_json(
