@@ -316,15 +316,22 @@ class Readiness:
     Answers are kept `READY_CACHE_S` seconds, and concurrent asks share one round of probes.
     """
 
-    def __init__(self, probes: Mapping[str, Probe], extra: Callable[[], dict[str, Any]]) -> None:
+    def __init__(
+        self,
+        probes: Mapping[str, Probe],
+        extra: Callable[[], dict[str, Any]],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._probes = dict(probes)
         self._extra = extra
+        self._clock = clock
         self._answer: tuple[float, bool, dict[str, Any]] | None = None
         self._running: asyncio.Future[tuple[bool, dict[str, Any]]] | None = None
 
     async def check(self) -> tuple[bool, dict[str, Any]]:
         """(ready, the JSON body)."""
-        now = time.monotonic()
+        now = self._clock()
         if self._answer is not None and now - self._answer[0] < READY_CACHE_S:
             return self._answer[1], self._answer[2]
         if self._running is None:
@@ -339,7 +346,7 @@ class Readiness:
         ready = all(p["ok"] for p in parts)
         body.update(self._extra())
         body["ready"] = ready
-        self._answer = (time.monotonic(), ready, body)
+        self._answer = (self._clock(), ready, body)
         return ready, body
 
     async def respond(self) -> web.Response:

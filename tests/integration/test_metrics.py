@@ -11,6 +11,7 @@ privacy.
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import concurrent.futures
 import json
@@ -30,6 +31,7 @@ from devstack.nginx import Nginx
 from devstack.procs import LOOPBACK, free_port
 from devstack.proxy import MediaProxy
 from devstack.synapse import Synapse
+from media_proxy import metrics
 from media_proxy.config import ConfigError, load
 from tests.faults import FaultProxy
 from tests.integration.conftest import TEST_PROXY_CONFIG
@@ -315,6 +317,44 @@ def test_ready_names_synapse_when_it_is_unreachable(
         assert body["s3"]["ok"] is True and body["database"]["ok"] is True
     finally:
         server.stop()
+
+
+async def test_ready_answers_are_kept_a_moment_and_shared() -> None:
+    """A load balancer's polling costs each dependency one probe per READY_CACHE_S; asks that
+    arrive during a round of probes share it. (Probes here are counters: the real ones are
+    exercised above.)"""
+    calls: collections.Counter[str] = collections.Counter()
+    gate = asyncio.Event()
+    now = [100.0]
+
+    def probe(name: str, *, fail: bool = False) -> metrics.Probe:
+        async def run() -> None:
+            calls[name] += 1
+            await gate.wait()
+            if fail:
+                raise RuntimeError(f"{name} is down")
+
+        return run
+
+    readiness = metrics.Readiness(
+        {"s3": probe("s3", fail=True), "database": probe("database")},
+        lambda: {"s3_breaker": "closed"},
+        clock=lambda: now[0],
+    )
+    asks = [asyncio.ensure_future(readiness.check()) for _ in range(5)]
+    await asyncio.sleep(0)
+    gate.set()
+    answers = await asyncio.gather(*asks)
+    assert calls == {"s3": 1, "database": 1}
+    ready, body = answers[0]
+    assert not ready and all(a == answers[0] for a in answers)
+    assert body["s3"]["ok"] is False and body["s3"]["error"] == "s3 is down"
+    assert body["database"]["ok"] is True and body["s3_breaker"] == "closed"
+    now[0] += metrics.READY_CACHE_S - 0.1
+    assert (await readiness.check())[1] is body and calls["s3"] == 1
+    now[0] += 0.2
+    await readiness.check()
+    assert calls == {"s3": 2, "database": 2}
 
 
 # --- the listener ---------------------------------------------------------------------------
