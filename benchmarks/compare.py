@@ -13,8 +13,8 @@ server for a few seconds per row:
 
 A miss evicts the file from the store before its request (bench's `miss` mode). "x limit" is
 the row's key figure over the limit's for the same case (req/s for small hits, MB/s for big
-files, TTFB for small misses: below 1 is slower). S3 GETs of the proxies come from their
-metrics endpoint when they have one, else from their log (fills, plus uncached streams).
+files, TTFB for small misses: below 1 is slower). S3 GETs of the proxies are the GetObject
+calls their metrics endpoint (`--metrics-listen`) counted during the row.
 Peak RSS is each process's VmHWM at the end of the run. The client is one Python process
 sharing the machine with every server: small-file figures are bounded by it, so compare the
 rows of one run, not runs with each other.
@@ -166,17 +166,6 @@ def events_since(proxy: MediaProxy, offset: int) -> list[dict[str, Any]]:
     return events
 
 
-def s3_gets_from_log(events: list[dict[str, Any]], prefix: str) -> int:
-    """Fills (one S3 GET each) and uncached streams of one row."""
-    gets = 0
-    for event in events:
-        if event.get("event") in ("cache_fill.done", "cache_fill.failed"):
-            gets += 1
-        elif event.get("event") == "request" and event.get("source") == "s3-uncached":
-            gets += str(event.get("request_id", "")).startswith(prefix)
-    return gets
-
-
 def problems(events: list[dict[str, Any]]) -> dict[str, int]:
     """Warnings and errors the proxy logged during a row, by event and error."""
     found: dict[str, int] = {}
@@ -215,11 +204,8 @@ async def run_case(
     offset = log_offset(server.proxy)
     report = await bench.run(options, planner)
     events = events_since(server.proxy, offset) if server.proxy is not None else []
-    if report["s3_gets"] == "unknown":
-        if server.presign is not None:
-            report["s3_gets"] = report["requests"]
-        elif server.proxy is not None and mode == "miss":
-            report["s3_gets"] = f"{s3_gets_from_log(events, options.request_id_prefix)} (log)"
+    if server.presign is not None:
+        report["s3_gets"] = report["requests"]
     if problems(events):
         report["proxy_log_problems"] = problems(events)
     return report
@@ -309,14 +295,18 @@ def _run(
     s3 = seaweed.create_bucket("media")
     synapse = Synapse(work / "synapse", s3=s3).start()
 
+    metrics: dict[str, str] = {}
+
     def media_proxy(name: str, extra_args: list[str]) -> MediaProxy:
+        port = free_port()
+        metrics[name] = f"http://{LOOPBACK}:{port}/metrics"
         return MediaProxy(
             work / name,
             synapse_config=synapse.config_path,
             synapse_url=synapse.url,
             workers=args.workers,
             config={"log_format": "json"},
-            extra_args=extra_args,
+            extra_args=[*extra_args, "--metrics-listen", f"{LOOPBACK}:{port}"],
         ).start()
 
     proxy = media_proxy("proxy", [])
@@ -361,9 +351,8 @@ def _run(
             "media-proxy + nginx X-Accel", nginx.url, "client", token, evict=store, proxy=accel
         ),
     }
-    for server in servers.values():
-        if server.proxy is not None:
-            server.metrics_url = _metrics_url(server.proxy)
+    servers["media-proxy"].metrics_url = metrics["proxy"]
+    servers["media-proxy + nginx X-Accel"].metrics_url = metrics["proxy-accel"]
 
     async def all_rows() -> list[tuple[Case, str, dict[str, Any], str]]:
         rows = []
@@ -391,22 +380,6 @@ def _run(
     }
     static.stop()
     return rows, rss
-
-
-def _metrics_url(proxy: MediaProxy) -> str | None:
-    """The proxy's Prometheus endpoint, if this version has one."""
-    import urllib.request
-
-    for path in ("/metrics", "/_media_proxy/metrics"):
-        try:
-            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
-                proxy.url + path, timeout=5
-            ) as resp:
-                if resp.status == 200 and b"# TYPE" in resp.read(65536):
-                    return proxy.url + path
-        except OSError:
-            continue
-    return None
 
 
 if __name__ == "__main__":

@@ -294,6 +294,19 @@ def test_s3_gets_from_prometheus_metrics() -> None:
         """
     )
     assert s3_get_count(parse_prometheus(page)) == 7
+    # media-proxy's own names (README, Metrics): every GetObject outcome counts, HEADs do not
+    ours = textwrap.dedent(
+        """
+        # TYPE media_proxy_s3_requests_total counter
+        media_proxy_s3_requests_total{method="GetObject",outcome="ok"} 5.0
+        media_proxy_s3_requests_total{method="GetObject",outcome="not_found"} 1.0
+        media_proxy_s3_requests_total{method="HeadObject",outcome="ok"} 9.0
+        media_proxy_s3_request_duration_seconds_count{method="GetObject"} 6.0
+        media_proxy_s3_request_duration_seconds_bucket{le="0.1",method="GetObject"} 6.0
+        media_proxy_fills_started_total 5.0
+        """
+    )
+    assert s3_get_count(parse_prometheus(ours)) == 6
     histogram = (
         'media_proxy_s3_get_seconds_bucket{le="0.1"} 4\n'
         "media_proxy_s3_get_seconds_sum 0.3\n"
