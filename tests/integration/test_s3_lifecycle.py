@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import signal
 import string
 import subprocess
 import sys
@@ -507,3 +508,41 @@ def test_serve_prunes_in_the_background_when_asked(env: Env) -> None:
     finally:
         proxy.stop()
     env.seaweed.client().delete_object(Bucket=env.bucket, Key=stray)
+
+
+def test_interrupted_prune_is_run_again(env: Env, s3_faults: FaultProxy) -> None:
+    """SIGINT while a DeleteObjects answer is held: one line, exit 130, nothing of what
+    Synapse lists touched; the next run finishes the job."""
+    env.prune_all()
+    kept = env.image(12)
+    deleted = [env.image(13), env.image(14)]
+    doomed = set().union(*(env.keys_of(m) for m in deleted))
+    for media in deleted:
+        env.delete_media(media)
+    s3_faults.set_latency(60, match=lambda method, path: method == "POST" and "?delete" in path)
+    argv = env.argv("prune", "--min-age", "0", "--batch-size", "1", endpoint=s3_faults.url)
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not s3_faults.count("POST") and proc.poll() is None:
+            assert time.monotonic() < deadline, "prune sent no DeleteObjects"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, (stdout, stderr)
+    assert "interrupted; run the command again" in stderr
+    # one line for the admin; everything else is a JSON log line
+    assert [line for line in stderr.splitlines() if not line.startswith("{")] == [
+        "media-proxy: interrupted; run the command again to continue"
+    ], stderr
+    left = doomed & set(env.objects())
+    assert len(left) >= len(doomed) - 1  # at most the held batch went
+    s3_faults.clear_faults()
+    report = env.prune_all()
+    assert report["objects"] == len(left)
+    after = set(env.objects())
+    assert not doomed & after and env.keys_of(kept) <= after
