@@ -53,7 +53,6 @@ class Proxy:
         self.filler: Filler | None = None
         self.metadata: Metadata | None = None
         self.pipeline: MediaPipeline | None = None
-        self.evictor: BackgroundEvictor | None = None
         self.pruner: BackgroundPruner | None = None
         self.readiness: metrics.Readiness | None = None
         self.metrics_listener: web.AppRunner | None = None
@@ -86,9 +85,6 @@ class Proxy:
                 max_fills=config.max_fills,
                 max_fills_per_client=config.max_fills_per_client,
             )
-            if config.cache_max_size is not None:
-                self.evictor = BackgroundEvictor(config, self.s3)
-                await self.evictor.start()
             if config.s3_prune_interval is not None:
                 self.pruner = BackgroundPruner(config, self.s3)
                 await self.pruner.start()
@@ -124,8 +120,6 @@ class Proxy:
             await self.metrics_listener.cleanup()
         if self.pruner is not None:
             await self.pruner.close()
-        if self.evictor is not None:
-            await self.evictor.close()
         if self.filler is not None:
             await self.filler.close()
         if self.metadata is not None:
@@ -321,10 +315,50 @@ def serve(config: Config) -> int:
         synapse_url=config.synapse_url,
         s3_bucket=config.s3.bucket if config.s3 else None,
     )
-    if config.workers == 1:
+    if config.workers == 1 and not _wants_evictor(config):
         log.info("server.stop", signal=_run_worker(config, reuse_port=False))
         return 0
     return _supervise(config)
+
+
+# The supervisor's slot for the background evictor's process (workers have 0..N-1).
+_EVICTOR_SLOT: Final = -1
+
+
+def _wants_evictor(config: Config) -> bool:
+    return config.cache_max_size is not None and config.s3 is not None
+
+
+def _run_evictor(config: Config) -> str:
+    """The background evictor, in a process of its own: its store walk, database joins and
+    sorting never stall a serving loop. Returns the stop signal's name."""
+
+    async def run() -> str:
+        assert config.s3 is not None
+        structlog.contextvars.bind_contextvars(process="evictor")
+        loop = asyncio.get_running_loop()
+        stopped = asyncio.Event()
+        received: list[str] = []
+
+        def on_signal(sig: signal.Signals) -> None:
+            received.append(sig.name)
+            stopped.set()
+
+        for sig in _STOP_SIGNALS:
+            loop.add_signal_handler(sig, on_signal, sig)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        s3 = S3(config.s3)
+        await s3.start()
+        evictor = BackgroundEvictor(config, s3)
+        try:
+            await evictor.start()
+            await stopped.wait()
+        finally:
+            await evictor.close()
+            await s3.close()
+        return received[0]
+
+    return asyncio.run(run())
 
 
 def _supervise(config: Config) -> int:
@@ -345,7 +379,10 @@ def _supervise(config: Config) -> int:
         if pid == 0:
             code = 1
             try:
-                _run_worker(config, reuse_port=True)
+                if slot == _EVICTOR_SLOT:
+                    _run_evictor(config)
+                else:
+                    _run_worker(config, reuse_port=True)
                 code = 0
             except BaseException:
                 log.exception("worker.crashed")
@@ -367,6 +404,8 @@ def _supervise(config: Config) -> int:
         signal.signal(sig, on_signal)
     for slot in range(config.workers):
         spawn(slot)
+    if _wants_evictor(config):
+        spawn(_EVICTOR_SLOT)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     while children:
         try:
