@@ -273,6 +273,49 @@ def test_clients_joining_a_running_fill_are_counted(
     }
 
 
+def test_evictions_and_store_size(
+    synapse: Synapse, user_token: str, s3_proxy: FaultProxy, devstack_dir: Path, tmp_path: Path
+) -> None:
+    """The background evictor's deletions are counted as its `cache_evict.pass` events say,
+    and the store's size is the gauge (a cache of the test's own: budget 0 empties it)."""
+    port = free_port()
+    server = MediaProxy(
+        devstack_dir / f"metrics-evict-{uuid.uuid4().hex[:6]}",
+        synapse_config=synapse.config_path,
+        synapse_url=synapse.url,
+        workers=2,
+        config={
+            **TEST_PROXY_CONFIG,
+            "s3": {"endpoint_url": s3_proxy.url},
+            "cache_path": str(tmp_path / "cache"),
+            "cache_max_size": 0,
+            "cache_min_age": 0,
+            "cache_evict_interval": 0.3,
+        },
+        extra_args=["--metrics-listen", f"{LOOPBACK}:{port}"],
+    ).start()
+    try:
+        metered = Metered(server, port)
+        media = [new_media(synapse, user_token, 100_000 + i, f"m-evict{i}.bin") for i in range(3)]
+        for i, m in enumerate(media):
+            assert get(server, m, user_token, f"evict-{i}").body == m.data  # filled into cache
+
+        def passes() -> list[dict[str, Any]] | None:
+            found = [e for e in server.log_events() if e.get("event") == "cache_evict.pass"]
+            return found if sum(e["files"] for e in found) == len(media) else None
+
+        events = wait_for(passes)
+        assert events, "the evictor did not evict the three files"
+        after = metered.scrape()
+        assert total(after, "media_proxy_evicted_files_total") == len(media)
+        assert total(after, "media_proxy_evicted_bytes_total") == sum(len(m.data) for m in media)
+        assert sum(e["bytes"] for e in events) == sum(len(m.data) for m in media)
+        assert wait_for(lambda: total(metered.scrape(), "media_proxy_store_bytes") == 0)
+        assert ("media_proxy_store_bytes", frozenset()) in metered.scrape()
+    finally:
+        server.stop()
+
+
 # --- readiness ------------------------------------------------------------------------------
 
 
