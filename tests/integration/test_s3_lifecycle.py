@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -546,3 +546,39 @@ def test_interrupted_prune_is_run_again(env: Env, s3_faults: FaultProxy) -> None
     assert report["objects"] == len(left)
     after = set(env.objects())
     assert not doomed & after and env.keys_of(kept) <= after
+
+
+def test_prefix_is_respected(seaweed: SeaweedFS, tmp_path: Path) -> None:
+    """With the provider's `prefix`, keys are read and deleted under it only: the same store
+    path outside it (another tool's, another prefix sharing its first letters) is left."""
+    s3 = replace(seaweed.create_bucket("lifecycle-prefix"), prefix="media/")
+    synapse = Synapse(tmp_path / "synapse", server_name="prefix.test", s3=s3).start()
+    try:
+        token = synapse.register_user("p", "prefix-password")
+        media_id = synapse.upload(token, b"hello", filename="a.txt").rsplit("/", 1)[1]
+        client = seaweed.client()
+        orphan = paths.local_media(random_id())
+        outside = [orphan, f"mediax/{orphan}"]
+        for key in [f"media/{orphan}", *outside]:
+            client.put_object(Bucket=s3.bucket, Key=key, Body=b"o")
+        argv = [
+            sys.executable,
+            "-m",
+            "media_proxy",
+            "s3",
+            "prune",
+            "--min-age",
+            "0",
+            "--json",
+            "--synapse-config",
+            str(synapse.config_path),
+            "--log-format",
+            "json",
+        ]
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=True)
+        report = json.loads(result.stdout.splitlines()[-1])
+        keys = {o["Key"] for o in client.list_objects_v2(Bucket=s3.bucket).get("Contents", [])}
+        assert keys == {f"media/{paths.local_media(media_id)}", *outside}
+        assert report["objects"] == 1 and report["listed"] == 2
+    finally:
+        synapse.stop()
