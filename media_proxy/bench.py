@@ -474,16 +474,29 @@ class Options:
     timeout: float = 300.0
 
 
-async def _scrape(session: aiohttp.ClientSession, url: str | None) -> float | None:
+async def _scrape(session: aiohttp.ClientSession, url: str | None) -> list[tuple[str, str, float]]:
+    """The samples of a metrics page; none when there is no page (or no URL)."""
     if url is None:
-        return None
+        return []
     try:
         async with session.get(url) as resp:
             if resp.status != 200:
-                return None
-            return s3_get_count(parse_prometheus(await resp.text()))
+                return []
+            return parse_prometheus(await resp.text())
     except (aiohttp.ClientError, TimeoutError):
+        return []
+
+
+def s3_gets_between(
+    before: list[tuple[str, str, float]], after: list[tuple[str, str, float]]
+) -> float | None:
+    """S3 GETs made between two scrapes; None when unknown. A counter absent from the first
+    page but present in the second started during the run (labelled counters appear at
+    their first use)."""
+    if not before or not after:
         return None
+    end = s3_get_count(after)
+    return None if end is None else end - (s3_get_count(before) or 0.0)
 
 
 def _evict(store: Path, target: Target) -> None:
@@ -599,9 +612,7 @@ async def run(options: Options, planner: Planner) -> dict[str, Any]:
         elapsed = time.monotonic() - started
         live.close()
         gets_after = await _scrape(session, options.metrics_url)
-    s3_gets = None
-    if gets_before is not None and gets_after is not None:
-        s3_gets = gets_after - gets_before
+    s3_gets = s3_gets_between(gets_before, gets_after)
     results.sort(key=lambda r: r.n)
     return summarize(
         results,

@@ -307,6 +307,11 @@ def test_s3_gets_from_prometheus_metrics() -> None:
         """
     )
     assert s3_get_count(parse_prometheus(ours)) == 6
+    fresh = parse_prometheus("media_proxy_fills_started_total 0.0\n")
+    assert bench.s3_gets_between(fresh, parse_prometheus(ours)) == 6  # first GETs of the run
+    assert bench.s3_gets_between(parse_prometheus(ours), parse_prometheus(ours)) == 0
+    assert bench.s3_gets_between([], parse_prometheus(ours)) is None  # no page: unknown
+    assert bench.s3_gets_between(fresh, fresh) is None  # no such counter: unknown
     histogram = (
         'media_proxy_s3_get_seconds_bucket{le="0.1"} 4\n'
         "media_proxy_s3_get_seconds_sum 0.3\n"
