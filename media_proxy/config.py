@@ -120,6 +120,8 @@ class Config:
     database_timeout: float = 5.0
     access_flush_interval: float = 60.0
     s3_chunk_size: int = 1024 * 1024
+    # Single byte ranges on downloads (206/416, Accept-Ranges); false: Synapse's exact answers.
+    ranges: bool = True
     # What a miss gets while S3 cannot answer: "error" (502/504 at once) or "synapse".
     s3_unavailable: Literal["error", "synapse"] = "error"
     # Fills (S3 GETs written back) one worker leads at once, and one client address starts.
@@ -395,6 +397,7 @@ _OWN_KEYS: Final = frozenset(
         "database_timeout",
         "access_flush_interval",
         "s3_chunk_size",
+        "ranges",
         "s3_unavailable",
         "max_fills",
         "max_fills_per_client",
@@ -581,6 +584,7 @@ def load(
             own.get("s3_chunk_size", "1M"), source=own_src, key="s3_chunk_size"
         ),
         s3_unavailable=_s3_unavailable(r),
+        ranges=r.flag("ranges", True),
         max_fills=int(r.number("max_fills", 64, minimum=1)),
         max_fills_per_client=int(r.number("max_fills_per_client", 8, minimum=1)),
         synapse_connect_timeout=r.number("synapse_connect_timeout", 10.0, minimum=0.1),

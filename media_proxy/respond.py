@@ -21,6 +21,7 @@ from aiohttp import web
 
 from media_proxy import headers as h
 from media_proxy.fill import Fill, FillFailed
+from media_proxy.ranges import ByteRange, Unsatisfiable
 from media_proxy.s3 import S3Object
 
 _STATE: Final = "media_proxy.sending"
@@ -219,8 +220,22 @@ async def not_modified(request: web.Request, headers: h.Headers) -> web.StreamRe
     return response
 
 
-async def _start(request: web.Request, media_headers: h.Headers) -> web.StreamResponse:
-    response = web.StreamResponse(status=200)
+def _ranged(media_headers: h.Headers, byte_range: ByteRange) -> h.Headers:
+    """A 200's headers turned into the 206's: the part's length, and where it sits."""
+    headers = [
+        (name, str(byte_range.size) if name == "Content-Length" else value)
+        for name, value in media_headers
+    ]
+    headers.append(("Content-Range", byte_range.content_range()))
+    return headers
+
+
+async def _start(
+    request: web.Request, media_headers: h.Headers, byte_range: ByteRange | None = None
+) -> web.StreamResponse:
+    if byte_range is not None:
+        media_headers = _ranged(media_headers, byte_range)
+    response = web.StreamResponse(status=200 if byte_range is None else 206)
     for name, value in media_headers:
         response.headers.add(name, value)
     await prepare(request, response)
@@ -228,14 +243,28 @@ async def _start(request: web.Request, media_headers: h.Headers) -> web.StreamRe
 
 
 async def file(
-    request: web.Request, media_headers: h.Headers, fd: int, length: int
+    request: web.Request,
+    media_headers: h.Headers,
+    fd: int,
+    length: int,
+    byte_range: ByteRange | None = None,
 ) -> web.StreamResponse:
-    """A complete store file (a cache hit)."""
-    response = await _start(request, media_headers)
-    if request.method != "HEAD" and length:
-        await _sendfile(request, fd, 0, length)
+    """A complete store file (a cache hit), or one range of it (206)."""
+    response = await _start(request, media_headers, byte_range)
+    start, count = (0, length) if byte_range is None else (byte_range.start, byte_range.size)
+    if request.method != "HEAD" and count:
+        await _sendfile(request, fd, start, count)
     await finish(request)
     return response
+
+
+async def unsatisfiable(
+    request: web.Request, servlet: h.Headers, unsatisfiable: Unsatisfiable
+) -> web.StreamResponse:
+    """416: no byte of the file is in the range asked."""
+    headers = [*servlet, ("Content-Range", unsatisfiable.content_range())]
+    body = h.error_body("M_UNKNOWN", "Requested range not satisfiable")
+    return await error(request, 416, body, headers)
 
 
 def accel_redirect(media_headers: h.Headers, location: str) -> web.Response:
@@ -248,14 +277,23 @@ def accel_redirect(media_headers: h.Headers, location: str) -> web.Response:
     return response
 
 
-async def fill(request: web.Request, media_headers: h.Headers, fill: Fill) -> web.StreamResponse:
-    """A miss: bytes are sent as the fill writes them; a broken fill aborts the client."""
-    response = await _start(request, media_headers)
+async def fill(
+    request: web.Request,
+    media_headers: h.Headers,
+    fill: Fill,
+    byte_range: ByteRange | None = None,
+) -> web.StreamResponse:
+    """A miss: bytes are sent as the fill writes them; a broken fill aborts the client.
+    A range is sent once the growing file covers it, while the whole file goes on filling
+    (the next request for it is a hit)."""
+    response = await _start(request, media_headers, byte_range)
     if request.method != "HEAD":
-        offset = 0
-        while offset < fill.length:
+        offset, stop = (
+            (0, fill.length) if byte_range is None else (byte_range.start, byte_range.end + 1)
+        )
+        while offset < stop:
             try:
-                end = await fill.wait_beyond(offset)
+                end = min(await fill.wait_beyond(offset), stop)
             except FillFailed as e:
                 raise Aborted(str(e), cause="fill") from e
             await _sendfile(request, fill.fd, offset, end - offset)

@@ -68,7 +68,7 @@ async def download(
         row.media_type, row.media_length, media.file_name or row.upload_name
     )
     return await steps.send(
-        env, request, Source(rel, row.media_length, row.sha256, headers), outcome
+        env, request, Source(rel, row.media_length, row.sha256, headers, rangeable=True), outcome
     )
 
 

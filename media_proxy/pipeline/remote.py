@@ -14,7 +14,7 @@ from aiohttp import web
 from media_proxy import headers as h
 from media_proxy import paths
 from media_proxy.metadata import DatabaseError, RemoteMedia
-from media_proxy.parse import MediaRequest
+from media_proxy.parse import Kind, MediaRequest
 from media_proxy.pipeline import rules, steps
 from media_proxy.pipeline.steps import Env, Outcome, PassThrough, Source
 
@@ -46,6 +46,9 @@ async def _checked_row(
         or not steps.safe_values(row.media_type, row.upload_name)
     ):
         raise PassThrough
+    if media.kind is Kind.DOWNLOAD:
+        # Synapse marks a download before its row checks (a thumbnail after it is sent).
+        env.metadata.mark_remote_accessed(row.origin, row.media_id)
     refusal = rules.remote_row_refusal(
         row, media.api, enable_authenticated_media=config.enable_authenticated_media
     )
@@ -78,18 +81,15 @@ async def download(
     rel = _original(media, row)
     if h.is_not_modified(request.headers.getall("If-None-Match", [])):
         await _require_original(env, rel)
-        env.metadata.mark_remote_accessed(row.origin, row.media_id)
         cached = await steps.not_modified(request, outcome, download=True)
         assert cached is not None
         return cached
     headers = h.download_headers(
         row.media_type, row.media_length, media.file_name or row.upload_name
     )
-    response = await steps.send(
-        env, request, Source(rel, row.media_length, row.sha256, headers), outcome
+    return await steps.send(
+        env, request, Source(rel, row.media_length, row.sha256, headers, rangeable=True), outcome
     )
-    env.metadata.mark_remote_accessed(row.origin, row.media_id)
-    return response
 
 
 async def thumbnail(

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Final
 
 import cachetools
 from aiohttp import web
 
 from media_proxy import headers as h
-from media_proxy import paths, respond, thumbnail
+from media_proxy import paths, ranges, respond, thumbnail
 from media_proxy.authorize import Authorizer, Credentials, SynapseUnavailable, credentials
 from media_proxy.config import Config
 from media_proxy.locate import Direct, Found, Hit, Locator, Miss
@@ -23,6 +23,7 @@ from media_proxy.metadata import Metadata, ThumbnailRow
 from media_proxy.parse import Api, MediaRequest
 from media_proxy.passthrough import client_ip
 from media_proxy.pipeline.rules import Refusal
+from media_proxy.ranges import ByteRange, Unsatisfiable
 from media_proxy.s3 import S3Error
 
 
@@ -66,6 +67,7 @@ class Source:
     length: int
     sha256: str | None
     headers: h.Headers
+    rangeable: bool = False  # downloads answer Range (config `ranges`); thumbnails do not
 
 
 def safe_values(*values: str | None) -> bool:
@@ -155,12 +157,14 @@ def _in_store(root: str, rel: str) -> bool:
 
 
 def _nginx_would_answer(request: web.Request) -> bool:
-    """Conditionals nginx evaluates on an X-Accel-Redirect (412s, a 304 for `*`) and Synapse
-    ignores: those requests are sent by the proxy itself."""
+    """Requests nginx would answer differently on an X-Accel-Redirect: conditionals it
+    evaluates and Synapse ignores (412s, a 304 for `*`), and Range (the snippet has nginx
+    ignore it, so ranges are the proxy's to answer): the proxy sends those itself."""
     return (
         "If-Match" in request.headers
         or "If-Unmodified-Since" in request.headers
         or "*" in request.headers.getall("If-None-Match", [])
+        or "Range" in request.headers
     )
 
 
@@ -169,6 +173,18 @@ async def send(
 ) -> web.StreamResponse:
     """Locate the file (store, else a fill from S3) and send it; neither: PassThrough."""
     config = env.config
+    byte_range: ByteRange | None = None
+    if config.ranges and source.rangeable:
+        source = replace(source, headers=[*source.headers, ("Accept-Ranges", "bytes")])
+        chosen = ranges.choose(
+            request.headers.getall("Range", []),
+            request.headers.getall("If-Range", []),
+            source.length,
+        )
+        if isinstance(chosen, Unsatisfiable):  # decided by the length alone: no file needed
+            outcome.source = "proxy"
+            return await respond.unsatisfiable(request, h.servlet_headers(download=True), chosen)
+        byte_range = chosen
     accel = bool(config.accel_redirect) and not _nginx_would_answer(request)
     found = await env.locator.locate(
         source.rel,
@@ -179,11 +195,16 @@ async def send(
     )
     if found is None:
         raise PassThrough
-    return await _respond(env, request, source, found, outcome)
+    return await _respond(env, request, source, found, outcome, byte_range)
 
 
 async def _respond(
-    env: Env, request: web.Request, source: Source, found: Found, outcome: Outcome
+    env: Env,
+    request: web.Request,
+    source: Source,
+    found: Found,
+    outcome: Outcome,
+    byte_range: ByteRange | None = None,
 ) -> web.StreamResponse:
     sent = 0 if request.method == "HEAD" else source.length
     try:
@@ -196,10 +217,12 @@ async def _respond(
                 return respond.accel_redirect(
                     source.headers, env.config.accel_redirect + source.rel
                 )
-            response = await respond.file(request, source.headers, found.fd, source.length)
+            response = await respond.file(
+                request, source.headers, found.fd, source.length, byte_range
+            )
         elif isinstance(found, Miss):
             outcome.source = "s3"
-            response = await respond.fill(request, source.headers, found.fill)
+            response = await respond.fill(request, source.headers, found.fill, byte_range)
         else:
             assert isinstance(found, Direct)
             outcome.source = "s3-uncached"
