@@ -444,10 +444,10 @@ class Pruner:
         if o.info is None:
             r.skip("unparseable", o.size)
             if len(r.unparseable) < _LIST_CAP:
-                r.unparseable.append(o.rel)
+                r.unparseable.append(self.s3.key(o.rel))
             if self.verbose:
-                self.out(f"unparseable {o.rel} {o.size}")
-            log.info("s3_prune.unparseable", key=o.rel, bytes=o.size)
+                self.out(f"unparseable {self.s3.key(o.rel)} {o.size}")
+            log.info("s3_prune.unparseable", key=self.s3.key(o.rel), bytes=o.size)
             return []
         if o.info.kind not in self.rules.kinds:
             r.skip("kind_not_selected", o.size)
@@ -472,7 +472,7 @@ class Pruner:
             if reason is None:
                 self.report.skip("row_reappeared", o.size)
                 _add(self.report.kept, o.info.kind, o.size)
-                log.info("s3_prune.kept", key=o.rel, reason="row_reappeared")
+                log.info("s3_prune.kept", key=self.s3.key(o.rel), reason="row_reappeared")
                 continue
             o.reason = reason
             doomed.append(o)
@@ -487,13 +487,15 @@ class Pruner:
             if o.rel in errors:
                 self.report.skip("delete_error", o.size)
                 self.report.errors += 1
-                log.warning("s3_prune.delete_error", key=o.rel, code=errors[o.rel])
+                log.warning("s3_prune.delete_error", key=self.s3.key(o.rel), code=errors[o.rel])
                 continue
             _add(self.report.deleted, o.info.kind, o.size)
             self.report.reasons[o.reason] += 1
             done += 1
             if self.verbose and self.rules.dry_run:
-                self.out(f"would delete {o.info.kind.value} {o.rel} {o.size} {o.reason}")
+                self.out(
+                    f"would delete {o.info.kind.value} {self.s3.key(o.rel)} {o.size} {o.reason}"
+                )
         log.info(
             "s3_prune.batch",
             dry_run=self.rules.dry_run,
@@ -666,7 +668,7 @@ class AuditReport:
         ]
         for kind, c in self.media.items():
             out.append(
-                f"media rows, {kind}: {sum(c.values())}; in store and S3 {c['both']},"
+                f"media rows, {kind}: {_rows_total(c)}; in store and S3 {c['both']},"
                 f" store only {c['store_only']}, S3 only {c['s3_only']}, nowhere {c['nowhere']}"
                 f" (S3 object of another size {c['s3_size_differs']},"
                 f" pending uploads {c['pending']}, ids without a path {c['bad_id']})"
@@ -679,6 +681,11 @@ class AuditReport:
         else:
             out.append("no lost media: every media row has its file in the store or in S3")
         return out
+
+
+def _rows_total(c: Counter[str]) -> int:
+    """Rows counted once each (`s3_size_differs` is a detail of `store_only`/`nowhere`)."""
+    return sum(c[k] for k in ("both", "store_only", "s3_only", "nowhere", "pending", "bad_id"))
 
 
 # A row's (media id or filesystem id, origin, origin's media id, length, created_ts, uploader).
@@ -738,9 +745,9 @@ class Auditor:
                         r.unparseable_count += 1
                         r.unparseable_bytes += o.size
                         if len(r.unparseable) < _LIST_CAP:
-                            r.unparseable.append(o.rel)
+                            r.unparseable.append(self.s3.key(o.rel))
                         if self.verbose:
-                            self.out(f"unparseable {o.rel} {o.size}")
+                            self.out(f"unparseable {self.s3.key(o.rel)} {o.size}")
                     elif o.reason is None:
                         _add(r.known, o.info.kind, o.size)
                     else:

@@ -575,6 +575,14 @@ def test_prefix_is_respected(seaweed: SeaweedFS, tmp_path: Path) -> None:
             "--log-format",
             "json",
         ]
+        dry = subprocess.run(
+            [a for a in argv if a != "--json"] + ["--dry-run"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        )
+        assert f"would delete local_originals media/{orphan} 1 media_row_gone" in dry.stdout
         result = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=True)
         report = json.loads(result.stdout.splitlines()[-1])
         keys = {o["Key"] for o in client.list_objects_v2(Bucket=s3.bucket).get("Contents", [])}
