@@ -256,6 +256,11 @@ def test_verify_ranges() -> None:
     assert verify(tail, 206, "bytes 900-999/1000", 100, None) is None
     assert verify(ranged, 200, None, 1000, None) is None  # Range ignored: the whole file
     assert bench.expected_range((1000, 1010), 1000) is None
+    # length unknown (a listed URI without the database): the server's total decides
+    short = Planned(0, Target(SERVER, "abcdef"), byte_range=(0, 1023))
+    assert verify(short, 206, "bytes 0-99/100", 100, None) is None
+    assert verify(short, 206, "bytes 0-1023/*", 1024, None) is None
+    assert verify(short, 206, "bytes 0-99/*", 100, None) == "wrong_range"
 
 
 def test_summary_counts_only_verified_answers_as_successes() -> None:
