@@ -437,7 +437,7 @@ def s3_get_count(samples: Iterable[tuple[str, str, float]]) -> float | None:
     return None
 
 
-def request_path(target: Target, api: Api, byte_range: bool = False) -> str:
+def request_path(target: Target, api: Api) -> str:
     """The path (and query) of a download or thumbnail of `target` in the chosen API."""
     if api == "store":
         return "/" + target.rel
@@ -834,6 +834,8 @@ async def _command(args: argparse.Namespace, out: TextIO) -> int:
         targets = await enrich(config, pairs) if config is not None else [Target(*p) for p in pairs]
         if mode == "thumbnails":
             raise BenchError("thumbnails mode: use --sample (thumbnail sizes come from the DB)")
+    if mode == "thumbnails" and args.api == "store":
+        raise BenchError("--api store: serves originals only, not thumbnails")
     eligible: list[Target] = []
     if mode in ("miss", "mixed"):
         assert config is not None

@@ -226,6 +226,19 @@ def test_ranges_are_seeks_within_the_file() -> None:
     assert all(p.byte_range is not None for p in map(planner.plan, range(10)))
 
 
+def test_request_paths() -> None:
+    t = target("abcdefgh")
+    assert bench.request_path(t, "client") == (
+        "/_matrix/client/v1/media/download/example.org/abcdefgh"
+    )
+    assert bench.request_path(t, "legacy") == "/_matrix/media/v3/download/example.org/abcdefgh"
+    assert bench.request_path(t, "store") == "/local_content/ab/cd/efgh"
+    thumb = target("abcdefgh", thumb=Thumb(32, 24, "crop", 900))
+    assert bench.request_path(thumb, "client") == (
+        "/_matrix/client/v1/media/thumbnail/example.org/abcdefgh?width=32&height=24&method=crop"
+    )
+
+
 # --- verification --------------------------------------------------------------------------
 
 
