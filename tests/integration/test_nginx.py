@@ -177,7 +177,7 @@ def download_cases(m: Media, token: str) -> list[tuple[str, str, list[tuple[str,
         ("GET", m.client_path(), [*auth, ("If-None-Match", "1")]),
         ("GET", m.client_path(), []),
         ("GET", m.client_path(), bearer("not-a-token")),
-        ("GET", m.client_path(), [*auth, ("Range", "bytes=0-9")]),
+        ("GET", m.client_path(), [*auth, ("Range", "bytes=0-9,20-29")]),  # several: whole
         ("GET", m.client_path(), [*auth, ("If-Match", '"nope"')]),
         ("GET", m.client_path(), [*auth, ("If-Unmodified-Since", "Mon, 01 Jan 2001 00:00:00 GMT")]),
         ("GET", m.client_path(), [*auth, ("If-None-Match", "*")]),

@@ -126,7 +126,7 @@ def cases(media: Media, token: str, other: str) -> list[tuple[str, str, list[tup
         ("GET", media.client_path("?timeout_ms=100"), auth),
         ("GET", media.client_path("?admin_unsafely_bypass_quarantine=true"), auth),
         ("HEAD", media.client_path(), bearer("not-a-token")),
-        ("GET", media.client_path(), [*auth, ("Range", "bytes=0-9")]),
+        ("GET", media.client_path(), [*auth, ("Range", "bytes=0-9,20-29")]),  # several: whole
     ]
     return out
 
