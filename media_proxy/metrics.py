@@ -22,11 +22,8 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, TypeVar
 
-import structlog
 from aiohttp import web
 from botocore.exceptions import ClientError
-
-log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
