@@ -15,8 +15,9 @@ grows. The database row, not the object, says whether media exists, so:
   S3 ("lost").
 
 Memory stays bounded by a page: objects are handled one listing page (1000 keys) at a time,
-with one lookup of that page's rows (indexed by media id; remote media by `filesystem_id`,
-which has no index in Synapse's schema, so that lookup scans `remote_media_cache`). The audit
+with one lookup of that page's rows (indexed by media id; remote media by origin and
+`filesystem_id`, which has no index in Synapse's schema, so that lookup scans the origin's
+rows of `remote_media_cache`). The audit
 walks the rows in key order with keyset pagination (1000 rows a query, binary collation) and
 merges them with a listing of the same key range, so nothing is asked per file.
 """
@@ -216,17 +217,22 @@ async def _fetch(db: Database, sql: str, args: Sequence[Any] = ()) -> list[tuple
     return [tuple(r) for r in await db._all(sql, args)]  # type: ignore[attr-defined]
 
 
-async def _fetch_in(db: Database, template: str, values: Sequence[str]) -> list[tuple[Any, ...]]:
-    """Rows of `template` whose `IN ({})` matches any of `values`."""
+async def _fetch_in(
+    db: Database, template: str, values: Sequence[str], *, before: Sequence[Any] = ()
+) -> list[tuple[Any, ...]]:
+    """Rows of `template` whose `IN ({})` matches any of `values`; `before` are the values
+    of the `?` placeholders ahead of it."""
     if not values:
         return []
     if isinstance(db, PostgresDatabase):
-        sql = template.replace("IN ({})", "= ANY($1::text[])")
-        return [tuple(r) for r in await db._all(sql, list(values))]
+        return await _fetch(
+            db, template.replace("IN ({})", "= ANY(?::text[])"), [*before, list(values)]
+        )
     rows: list[tuple[Any, ...]] = []
     for i in range(0, len(values), _IN_CHUNK):
         chunk = values[i : i + _IN_CHUNK]
-        rows += await _fetch(db, template.format(",".join("?" * len(chunk))), chunk)
+        sql = template.format(",".join("?" * len(chunk)))
+        rows += await _fetch(db, sql, [*before, *chunk])
     return rows
 
 
@@ -237,24 +243,29 @@ _LOCAL_THUMBNAILS: Final = (
     "SELECT media_id, thumbnail_width, thumbnail_height, thumbnail_type, thumbnail_method"
     " FROM local_media_repository_thumbnails WHERE media_id IN ({})"
 )
+# filesystem_id has no index: the origin (first column of the unique index) narrows the scan.
 _REMOTE: Final = (
-    "SELECT media_origin, filesystem_id FROM remote_media_cache WHERE filesystem_id IN ({})"
+    "SELECT media_origin, filesystem_id FROM remote_media_cache"
+    " WHERE media_origin = ? AND filesystem_id IN ({})"
 )
 _REMOTE_THUMBNAILS: Final = (
     "SELECT r.media_origin, r.filesystem_id, t.thumbnail_width, t.thumbnail_height,"
     " t.thumbnail_type, t.thumbnail_method FROM remote_media_cache_thumbnails AS t"
     " JOIN remote_media_cache AS r"
     " ON r.media_origin = t.media_origin AND r.media_id = t.media_id"
-    " WHERE r.filesystem_id IN ({})"
+    " WHERE r.media_origin = ? AND r.filesystem_id IN ({})"
 )
 
 
 async def lookup(db: Database, infos: Iterable[KeyInfo]) -> Rows:
-    """The rows of these keys' media (and thumbnails), in four queries at most."""
+    """The rows of these keys' media (and thumbnails): two queries, and two per origin."""
     local_ids: set[str] = set()
-    remote_ids: set[str] = set()
+    remote_ids: dict[str, set[str]] = {}
     for info in infos:
-        (remote_ids if info.server_name else local_ids).add(info.media_id)
+        if info.server_name:
+            remote_ids.setdefault(info.server_name, set()).add(info.media_id)
+        else:
+            local_ids.add(info.media_id)
     rows = Rows()
     local = sorted(local_ids)
     for media_id, created_ts, url_cache in await _fetch_in(db, _LOCAL, local):
@@ -263,13 +274,15 @@ async def lookup(db: Database, infos: Iterable[KeyInfo]) -> Rows:
         rows.local_thumbnails.setdefault(media_id, set()).update(
             thumbnail_names(w, h, ctype, method)
         )
-    remote = sorted(remote_ids)
-    for origin, fid in await _fetch_in(db, _REMOTE, remote):
-        rows.remote.add((origin, fid))
-    for origin, fid, w, h, ctype, method in await _fetch_in(db, _REMOTE_THUMBNAILS, remote):
-        rows.remote_thumbnails.setdefault((origin, fid), set()).update(
-            thumbnail_names(w, h, ctype, method)
-        )
+    for server, fids in sorted(remote_ids.items()):
+        remote = sorted(fids)
+        for origin, fid in await _fetch_in(db, _REMOTE, remote, before=[server]):
+            rows.remote.add((origin, fid))
+        thumbnails = await _fetch_in(db, _REMOTE_THUMBNAILS, remote, before=[server])
+        for origin, fid, w, h, ctype, method in thumbnails:
+            rows.remote_thumbnails.setdefault((origin, fid), set()).update(
+                thumbnail_names(w, h, ctype, method)
+            )
     return rows
 
 
