@@ -33,7 +33,7 @@ import sys
 import time
 import urllib.request
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, TextIO
@@ -51,6 +51,9 @@ READ_CHUNK: Final = 256 * 1024
 # Range requests span this much by default: what a player asks for after a seek.
 DEFAULT_RANGE_SPAN: Final = 1024 * 1024
 _PROGRESS_S: Final = 0.5
+# The longest wait for a fill that outlives its answer before evicting its file again.
+_FILL_SETTLE_S: Final = 10.0
+_FILL_POLL_S: Final = 0.002
 
 
 class BenchError(Exception):
@@ -507,6 +510,38 @@ def _evict(store: Path, target: Target) -> None:
         os.unlink(paths.in_store(str(store), target.rel))
 
 
+def _filling(store: Path, rel: str) -> bool:
+    """Whether a fill of `rel` is running (its fill file exists until it is renamed in)."""
+    return os.path.exists(store / paths.FILL_DIR / paths.fill_name(rel))
+
+
+class _Evictions:
+    """Misses: the store's copy is deleted before each request. When none of this run's
+    requests for the file is in flight, a fill still finishing (an earlier answer's fsync
+    and rename come after its last byte) is waited for first, else its rename would put the
+    file back behind the eviction; with one in flight, the request joins that fill."""
+
+    def __init__(self, store: Path) -> None:
+        self.store = store
+        self.in_flight: Counter[str] = Counter()
+
+    @contextlib.asynccontextmanager
+    async def miss(self, target: Target) -> AsyncIterator[None]:
+        rel = target.rel
+        if not self.in_flight[rel]:
+            # another process's fill: nothing to wait on but its file, polled
+            for _ in range(int(_FILL_SETTLE_S / _FILL_POLL_S)):
+                if not _filling(self.store, rel):
+                    break
+                await asyncio.sleep(_FILL_POLL_S)
+        self.in_flight[rel] += 1
+        try:
+            _evict(self.store, target)
+            yield
+        finally:
+            self.in_flight[rel] -= 1
+
+
 class _Live:
     """A progress line on a terminal, redrawn twice a second."""
 
@@ -534,12 +569,23 @@ class _Live:
 
 
 async def _one(
+    session: aiohttp.ClientSession,
+    options: Options,
+    planned: Planned,
+    expected: frozenset[int],
+    evictions: _Evictions | None,
+) -> Result:
+    if planned.miss:
+        assert evictions is not None
+        async with evictions.miss(planned.target):
+            return await _request(session, options, planned, expected)
+    return await _request(session, options, planned, expected)
+
+
+async def _request(
     session: aiohttp.ClientSession, options: Options, planned: Planned, expected: frozenset[int]
 ) -> Result:
     t = planned.target
-    if planned.miss:
-        assert options.evict_store is not None
-        _evict(options.evict_store, t)
     url = t.url or options.url.rstrip("/") + request_path(t, options.api)
     headers = {"X-Request-ID": f"{options.request_id_prefix}-{planned.n}"}
     if options.token is not None and t.url is None:
@@ -597,6 +643,7 @@ async def run(options: Options, planner: Planner) -> dict[str, Any]:
         started = time.monotonic()
         deadline = started + options.duration if options.duration is not None else math.inf
         live = _Live(options.progress, started)
+        evictions = _Evictions(options.evict_store) if options.evict_store else None
 
         async def worker() -> None:
             while True:
@@ -607,7 +654,8 @@ async def run(options: Options, planner: Planner) -> dict[str, Any]:
                     await asyncio.sleep(max(0.0, started + n / options.rate - time.monotonic()))
                 if time.monotonic() >= deadline:
                     return
-                results.append(await _one(session, options, planner.plan(n), expected))
+                planned = planner.plan(n)
+                results.append(await _one(session, options, planned, expected, evictions))
                 live.update(results)
 
         await asyncio.gather(*(worker() for _ in range(options.concurrency)))

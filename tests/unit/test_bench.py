@@ -5,6 +5,7 @@ answers what each test needs: right bytes, wrong bytes, whether the file was in 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import io
 import json
@@ -499,6 +500,30 @@ async def test_miss_mode_evicts_each_file_before_its_request(
         await bench.run(
             Options(url=url, mode="miss", requests=1), Planner("miss", targets, targets[:2])
         )
+
+
+async def test_a_miss_waits_for_a_fill_finishing_before_evicting(
+    origin: tuple[str, Origin], tmp_path: Path
+) -> None:
+    """A fill outliving its answer (fsync, rename) would put the file back after the next
+    eviction: the bench waits for its fill file to be renamed in, then evicts."""
+    url, served = origin
+    store = tmp_path / "store"
+    t = target("fillingmedia")
+    fill = store / paths.FILL_DIR / paths.fill_name(t.rel)
+    fill.parent.mkdir(parents=True)
+    fill.write_bytes(BODY)
+    final = store / t.rel
+    final.parent.mkdir(parents=True)
+    options = Options(url=url, mode="miss", token="tok", duration=None, requests=1,
+                      evict_store=store)  # fmt: skip
+    task = asyncio.create_task(bench.run(options, Planner("miss", [t], [t])))
+    await asyncio.sleep(0.1)
+    assert served.seen == []  # still waiting on the fill
+    fill.rename(final)  # the fill completes: the file is back in the store
+    report = await task
+    assert report["ok"] == 1
+    assert [in_store for _, in_store, _ in served.seen] == [False]  # evicted after the rename
 
 
 async def test_ranges_and_errors_by_status(origin: tuple[str, Origin]) -> None:
