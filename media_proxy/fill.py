@@ -99,6 +99,7 @@ class Fill:
         self.available = 0
         self.readers = 0
         self.ok = False
+        self.verified = False  # every byte is in the file and checked: all may be sent
         self.error: BaseException | None = None
         self._started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._changed = asyncio.Event()
@@ -109,7 +110,7 @@ class Fill:
 
     def sendable(self) -> int:
         """Bytes a client may be sent now: all but the held-back tail until verified."""
-        if self.ok:
+        if self.verified:
             return self.length
         return max(0, min(self.available, self.length - HOLDBACK))
 
@@ -118,12 +119,15 @@ class Fill:
         await asyncio.shield(self._started)
 
     async def wait_beyond(self, offset: int) -> int:
-        """Wait until more than `offset` bytes are sendable; return how many are."""
+        """Wait until more than `offset` bytes are sendable; return how many are. Once the
+        body is verified it stays sendable, even if caching it fails afterwards."""
         while True:
+            if self.verified:
+                return self.length
             if self.error is not None:
                 raise FillFailed(str(self.error) or type(self.error).__name__)
             n = self.sendable()
-            if n > offset or (self.ok and n == offset):
+            if n > offset:
                 return n
             event = self._changed
             await event.wait()
@@ -140,9 +144,19 @@ class Fill:
         self.available = available
         self._notify()
 
+    def verify(self) -> None:
+        """The whole body is written and matches the database: release the held-back tail
+        now; making the file durable (fsync, rename) is the cache's business, not the
+        clients' (small misses answer in S3's time, not S3's plus the disk's flush)."""
+        self.started()
+        self.available = self.length
+        self.verified = True
+        self._notify()
+
     def succeed(self) -> None:
         self.started()
         self.available = self.length
+        self.verified = True
         self.ok = True
         self._notify()
 
@@ -443,6 +457,8 @@ class Filler:
                 raise FillFailed(f"S3 body ended after {written} of {fill.length} bytes")
             if hasher is not None and sha256 is not None and hasher.hexdigest() != sha256.lower():
                 raise FillFailed("sha256 of the S3 object differs from the database's")
+            fill.verify()
+            self._leading.pop(fill.rel, None)  # the caps count S3 streams, not fsyncs
             try:
                 await asyncio.to_thread(os.fsync, fill.fd)
                 if os.fstat(fill.fd).st_size != fill.length:

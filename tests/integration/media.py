@@ -14,6 +14,7 @@ import sqlite3
 import time
 import urllib.parse
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -135,6 +136,37 @@ def upload(
 
 def store_file(synapse: Synapse, media: Media) -> Any:
     return synapse.media_store_path / media.rel
+
+
+def stored_bytes(synapse: Synapse, media: Media, timeout: float = 10.0) -> bytes | None:
+    """The store file's bytes once it is complete (None if it never is): a fill sends the
+    verified body first and renames the file into place just after (fsync in between)."""
+    return complete_file(store_file(synapse, media), len(media.data), timeout)
+
+
+def folder_bytes(folder: Path, expected: list[bytes], timeout: float = 10.0) -> list[bytes]:
+    """The contents of the files in `folder` once they are `expected` (or as they are when
+    the time is up): fills rename their files into place just after answering."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = sorted(p.read_bytes() for p in folder.iterdir()) if folder.is_dir() else []
+        if found == sorted(expected) or time.monotonic() > deadline:
+            return found
+        time.sleep(0.01)
+
+
+def complete_file(path: Path, length: int, timeout: float = 10.0) -> bytes | None:
+    """`path`'s bytes once it has `length` bytes, or None if it never gets there."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if path.stat().st_size == length:
+                return path.read_bytes()
+        except FileNotFoundError:
+            pass
+        if time.monotonic() > deadline:
+            return None
+        time.sleep(0.01)
 
 
 def settle_fills(synapse: Synapse, timeout: float = 10.0) -> None:

@@ -40,6 +40,7 @@ from tests.integration.media import (
     request,
     sql,
     store_file,
+    stored_bytes,
     upload,
 )
 
@@ -374,7 +375,7 @@ def test_store_file_shrinking_while_sent_aborts_the_connection(
     assert event["aborted"] == "store" and event["source"] == "cache"
     # the short file counts as missing: the next request refills it from S3
     assert get(server, media, user_token).body == media.data
-    assert store_file(synapse, media).read_bytes() == media.data
+    assert stored_bytes(synapse, media) == media.data
 
 
 def test_client_hanging_up_mid_body_is_one_event_without_traceback(
@@ -435,7 +436,7 @@ def test_kill_9_of_a_fill_leader_leaves_no_partial_file(
     assert not stored.exists() or stored.read_bytes() == media.data
     again = get(server, media, user_token)
     assert again.status == 200 and again.body == media.data
-    assert stored.read_bytes() == media.data
+    assert stored_bytes(synapse, media) == media.data
     assert wait_for(lambda: fill_files(synapse) == [])
 
 

@@ -20,7 +20,7 @@ from devstack.postgres import PostgresDatabase
 from devstack.proxy import MediaProxy
 from devstack.seaweed import WEED_TMP
 from tests.integration.conftest import TEST_PROXY_CONFIG
-from tests.integration.media import bearer, evict, request, store_file, upload
+from tests.integration.media import bearer, evict, request, store_file, stored_bytes, upload
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -183,7 +183,7 @@ def test_read_only_database_is_reported_once_and_serving_goes_on(
         evict(synapse_postgres, media)
         answer = request(reader.url, media.client_path(), headers=bearer(token))
         assert answer.status == 200 and answer.body == media.data
-        assert store_file(synapse_postgres, media).read_bytes() == media.data
+        assert stored_bytes(synapse_postgres, media) == media.data
         time.sleep(1.0)  # a flush interval passes without errors
         events = reader.log_events()
         assert [e["event"] for e in events].count("database.read_only") == 1

@@ -30,6 +30,7 @@ from tests.integration.media import (
     request,
     sql,
     store_file,
+    stored_bytes,
     upload,
 )
 
@@ -173,7 +174,7 @@ def test_download_forms_match_synapse(
         )
     evict(synapse, media)
     assert request(proxy.url, media.client_path(), headers=bearer(user_token)).body == media.data
-    assert store_file(synapse, media).read_bytes() == media.data  # written back
+    assert stored_bytes(synapse, media) == media.data  # written back
 
 
 def test_error_forms_match_synapse(
@@ -238,8 +239,8 @@ def test_evicted_file_is_refilled_byte_for_byte(
     s3_faults.reset()
     answer = request(proxy.url, media.client_path(), headers=bearer(user_token))
     assert answer.status == 200 and answer.body == media.data
+    assert stored_bytes(synapse, media) == media.data
     stored = store_file(synapse, media)
-    assert stored.read_bytes() == media.data
     mode = stat.S_IMODE(stored.stat().st_mode)
     umask = os.umask(0)
     os.umask(umask)
@@ -258,7 +259,7 @@ def test_short_store_file_counts_as_missing(
     store_file(synapse, media).write_bytes(media.data[:100])  # a crashed in-place write
     answer = request(proxy.url, media.client_path(), headers=bearer(user_token))
     assert answer.body == media.data
-    assert store_file(synapse, media).read_bytes() == media.data
+    assert stored_bytes(synapse, media) == media.data
 
 
 def test_concurrent_misses_make_one_s3_get_across_workers(
@@ -288,7 +289,7 @@ def test_concurrent_misses_make_one_s3_get_across_workers(
     assert [a.status for a in answers] == [200] * 20
     assert all(a.body == media.data for a in answers)
     assert s3_gets(s3_faults, media) == 1
-    assert store_file(synapse, media).read_bytes() == media.data
+    assert stored_bytes(synapse, media) == media.data
 
 
 def test_s3_body_cut_short_aborts_clients_and_leaves_no_file(
@@ -321,16 +322,13 @@ def test_s3_body_cut_short_aborts_clients_and_leaves_no_file(
         assert answer.status == 200
         assert not answer.complete or answer.body == media.data, answer.error
     assert any(not a.complete for a in answers)
-    assert (
-        not store_file(synapse, media).exists()
-        or store_file(synapse, media).read_bytes() == media.data
-    )
+    assert not store_file(synapse, media).exists() or stored_bytes(synapse, media) == media.data
     fill_dir = synapse.media_store_path / paths.FILL_DIR
     assert wait_for(lambda: not any(fill_dir.iterdir()))
     # Afterwards the file is served and written back normally.
     answer = request(proxy.url, media.client_path(), headers=bearer(user_token))
     assert answer.body == media.data
-    assert store_file(synapse, media).read_bytes() == media.data
+    assert stored_bytes(synapse, media) == media.data
 
 
 def test_client_hanging_up_does_not_stop_the_fill(
@@ -504,7 +502,7 @@ def test_fills_survive_the_state_folder_being_removed(
     shutil.rmtree(synapse.media_store_path / paths.STATE_DIR)
     answer = request(proxy.url, media.client_path(), headers=bearer(user_token))
     assert answer.body == media.data
-    assert store_file(synapse, media).read_bytes() == media.data  # a fill, not a pass-through
+    assert stored_bytes(synapse, media) == media.data  # a fill, not a pass-through
 
 
 def test_upload_with_expect_100_continue(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 import time
+import uuid
 
 import pytest
 
@@ -17,7 +18,8 @@ from devstack.samples import png
 from devstack.synapse import Synapse
 from media_proxy import paths
 from tests.faults import FaultProxy
-from tests.integration.media import Media, bearer, request, settle_fills, sql, upload
+from tests.integration.media import Media, bearer, folder_bytes, request, settle_fills, sql, upload
+from tests.integration.test_faults import request_event
 from tests.integration.test_serving import differential
 
 SIZES = [
@@ -122,20 +124,14 @@ def test_thumbnails_are_served_and_refilled_by_the_proxy(
 ) -> None:
     evict_thumbnails(synapse, picture)
     query = "width=96&height=96&method=crop"
-    first = request(proxy.url, thumb_path(picture, "client", query), headers=bearer(user_token))
-    second = request(proxy.url, thumb_path(picture, "client", query), headers=bearer(user_token))
+    tag = uuid.uuid4().hex[:8]
+    path = thumb_path(picture, "client", query)
+    first = request(proxy.url, path, headers=[*bearer(user_token), ("X-Request-ID", f"{tag}-1")])
+    folder = synapse.media_store_path / paths.local_thumbnail_dir(picture.media_id)
+    assert folder_bytes(folder, [first.body]) == [first.body]  # put back
+    second = request(proxy.url, path, headers=[*bearer(user_token), ("X-Request-ID", f"{tag}-2")])
     assert first.status == second.status == 200 and first.body == second.body
     assert first.header("content-type") == "image/png"
     assert first.header("content-security-policy") is None  # thumbnails have none in Synapse
-    stored = list(
-        (synapse.media_store_path / paths.local_thumbnail_dir(picture.media_id)).iterdir()
-    )
-    assert [p.read_bytes() for p in stored] == [first.body]
     assert [m for m, p in s3_faults.requests if m == "GET" and "local_thumbnails" in p] == ["GET"]
-    time.sleep(0.2)
-    sources = [
-        e["source"]
-        for e in proxy.log_events()
-        if e.get("media_id") == picture.media_id and e["event"] == "request"
-    ]
-    assert sources[-2:] == ["s3", "cache"]
+    assert [request_event(proxy, f"{tag}-{i}")["source"] for i in (1, 2)] == ["s3", "cache"]

@@ -19,7 +19,16 @@ from devstack.synapse import Synapse
 from media_proxy import paths
 from tests.conftest import PASSWORD
 from tests.faults import FaultProxy
-from tests.integration.media import Media, bearer, request, settle_fills, sql, upload
+from tests.integration.media import (
+    Media,
+    bearer,
+    complete_file,
+    folder_bytes,
+    request,
+    settle_fills,
+    sql,
+    upload,
+)
 from tests.integration.test_serving import cases, differential, wait_for
 
 TTL = float(0.5 + 0.2)  # TEST_PROXY_CONFIG's metadata_cache_ttl, and a margin
@@ -176,7 +185,8 @@ def test_remote_downloads_match_synapse(
     evict_remote(home, media)
     answer = request(home_proxy.url, media.client_path(), headers=bearer(home_token))
     assert answer.body == media.data
-    assert (home.media_store_path / remote_rel(home, media)).read_bytes() == media.data
+    stored = complete_file(home.media_store_path / remote_rel(home, media), len(media.data))
+    assert stored == media.data
 
 
 def test_evicted_remote_file_is_served_and_put_back_by_the_proxy(
@@ -194,7 +204,7 @@ def test_evicted_remote_file_is_served_and_put_back_by_the_proxy(
     second = request(home_proxy.url, media.client_path(), headers=bearer(home_token))
     assert first.status == second.status == 200
     assert first.body == second.body == media.data
-    assert (home.media_store_path / rel).read_bytes() == media.data
+    assert complete_file(home.media_store_path / rel, len(media.data)) == media.data
     assert s3_gets(s3_faults, rel) == 1  # the second was a hit
     events = wait_for(
         lambda: (
@@ -365,8 +375,8 @@ def test_remote_thumbnail_is_put_back_by_the_proxy(
     first = request(home_proxy.url, path, headers=bearer(home_token))
     second = request(home_proxy.url, path, headers=bearer(home_token))
     assert first.status == second.status == 200 and first.body == second.body
-    stored = list((home.media_store_path / thumbnail_dir(home, picture)).iterdir())
-    assert [p.read_bytes() for p in stored] == [first.body]
+    folder = home.media_store_path / thumbnail_dir(home, picture)
+    assert folder_bytes(folder, [first.body]) == [first.body]
     thumb_gets = [p for m, p in s3_faults.requests if m == "GET" and "remote_thumbnail" in p]
     assert len(thumb_gets) == 1
     # The original was only asked about (Synapse opens it first), never downloaded.
