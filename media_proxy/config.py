@@ -102,6 +102,9 @@ class Config:
     # Remote origins: None = federate with all; outside the whitelist 403, prevented 404.
     federation_domain_whitelist: tuple[str, ...] | None = None
     prevent_media_downloads_from: tuple[str, ...] = ()
+    # Synapse's `rc_federation.concurrent`: federation media requests of one origin the proxy
+    # answers at once (per worker); more go to Synapse, whose rate limiter then sees them.
+    federation_concurrent: int = 3
     max_upload_size: int = 50 * 1024 * 1024
     synapse_config: tuple[Path, ...] = ()
     listen_host: str = "127.0.0.1"
@@ -127,6 +130,8 @@ class Config:
     # Fills (S3 GETs written back) one worker leads at once, and one client address starts.
     max_fills: int = 64
     max_fills_per_client: int = 8
+    # A miss past either cap waits this long for a slot before its 429/503.
+    fill_wait: float = 5.0
     # Pass-through: connecting (and waiting for a pooled connection), then each read.
     synapse_connect_timeout: float = 10.0
     synapse_read_timeout: float = 120.0
@@ -401,6 +406,7 @@ _OWN_KEYS: Final = frozenset(
         "s3_unavailable",
         "max_fills",
         "max_fills_per_client",
+        "fill_wait",
         "synapse_connect_timeout",
         "synapse_read_timeout",
         "synapse_max_connections",
@@ -486,6 +492,7 @@ def load(
     )
     prevented_value, src = pick("prevent_media_downloads_from")
     prevented = _server_names(prevented_value or [], src, "prevent_media_downloads_from")
+    federation_concurrent = _federation_concurrent(hs, hs_src)
     max_upload, src = pick("max_upload_size", "50M")
     max_upload_size = parse_size(max_upload, source=src, key="max_upload_size")
 
@@ -567,6 +574,7 @@ def load(
         dynamic_thumbnails=dynamic,
         federation_domain_whitelist=whitelist,
         prevent_media_downloads_from=prevented,
+        federation_concurrent=federation_concurrent,
         max_upload_size=max_upload_size,
         synapse_config=tuple(p.absolute() for p in hs_paths),
         listen_host=host,
@@ -587,6 +595,7 @@ def load(
         ranges=r.flag("ranges", True),
         max_fills=int(r.number("max_fills", 64, minimum=1)),
         max_fills_per_client=int(r.number("max_fills_per_client", 8, minimum=1)),
+        fill_wait=r.number("fill_wait", 5.0),
         synapse_connect_timeout=r.number("synapse_connect_timeout", 10.0, minimum=0.1),
         synapse_read_timeout=r.number("synapse_read_timeout", 120.0, minimum=0.1),
         synapse_max_connections=int(r.number("synapse_max_connections", 256, minimum=1)),
@@ -624,6 +633,21 @@ def _s3_unavailable(r: _Reader) -> Literal["error", "synapse"]:
     if value not in ("error", "synapse"):
         raise r.error("s3_unavailable", f"expected error or synapse, got {value!r}")
     return "synapse" if value == "synapse" else "error"
+
+
+def _federation_concurrent(hs: Mapping[str, Any], source: str) -> int:
+    """`rc_federation.concurrent` (legacy `federation_rc_concurrent`), as Synapse reads it."""
+    if "rc_federation" in hs:
+        section = hs["rc_federation"]
+        key = "rc_federation.concurrent"
+        value = section.get("concurrent", 3) if isinstance(section, dict) else None
+    else:
+        key = "federation_rc_concurrent"
+        value = hs.get(key)
+        value = 3 if value is None else value
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ConfigError(source, key, f"expected an integer, got {value!r}")
+    return value
 
 
 def _server_names(value: Any, source: str, key: str) -> tuple[str, ...]:

@@ -25,6 +25,7 @@ import structlog
 
 from media_proxy import metrics
 from media_proxy.config import DatabaseConfig
+from media_proxy.federation_auth import KeyRow
 from media_proxy.inflight import Inflight
 
 T = TypeVar("T")
@@ -153,6 +154,12 @@ _REMOTE_THUMBNAILS: Final = (
     " thumbnail_length FROM remote_media_cache_thumbnails"
     " WHERE media_origin = {} AND media_id = {}"
 )
+# Other servers' keys as Synapse's keyring reads them (`KeyStore.get_server_keys_json`);
+# `federation_auth.usable_key` picks the row Synapse would (the newest by ts_added_ms).
+_SERVER_KEYS: Final = (
+    "SELECT key_json, ts_added_ms, ts_valid_until_ms FROM server_keys_json"
+    " WHERE server_name = {} AND key_id = {}"
+)
 _TOUCH_REMOTE: Final = (
     "UPDATE remote_media_cache SET last_access_ts = {} WHERE media_origin = {} AND media_id = {}"
 )
@@ -201,6 +208,7 @@ class Database(Protocol):
     async def remote_media(self, origin: str, media_id: str) -> RemoteMedia | None: ...
     async def remote_thumbnails(self, origin: str, media_id: str) -> list[ThumbnailRow]: ...
     async def touch_remote(self, keys: list[tuple[str, str]], now_ms: int) -> None: ...
+    async def server_keys(self, server_name: str, key_id: str) -> list[KeyRow]: ...
     async def can_write(self) -> bool: ...
     async def store_local_rows(self, media_ids: Sequence[str]) -> dict[str, StoreRow]: ...
     async def store_local_thumbnails(self, media_ids: Sequence[str]) -> list[ThumbnailRow]: ...
@@ -252,6 +260,10 @@ class SqliteDatabase:
     async def remote_thumbnails(self, origin: str, media_id: str) -> list[ThumbnailRow]:
         rows = await self._all(_REMOTE_THUMBNAILS.format("?", "?"), (origin, media_id))
         return [_thumbnail_row(media_id, origin, "", r) for r in rows]
+
+    async def server_keys(self, server_name: str, key_id: str) -> list[KeyRow]:
+        rows = await self._all(_SERVER_KEYS.format("?", "?"), (server_name, key_id))
+        return [KeyRow(bytes(r[0]), int(r[1]), r[2]) for r in rows]
 
     async def touch_remote(self, keys: list[tuple[str, str]], now_ms: int) -> None:
         try:
@@ -346,6 +358,10 @@ class PostgresDatabase:
     async def remote_thumbnails(self, origin: str, media_id: str) -> list[ThumbnailRow]:
         rows = await self._all(_REMOTE_THUMBNAILS.format("$1", "$2"), origin, media_id)
         return [_thumbnail_row(media_id, origin, "", tuple(r)) for r in rows]
+
+    async def server_keys(self, server_name: str, key_id: str) -> list[KeyRow]:
+        rows = await self._all(_SERVER_KEYS.format("$1", "$2"), server_name, key_id)
+        return [KeyRow(bytes(r[0]), int(r[1]), r[2]) for r in rows]
 
     async def touch_remote(self, keys: list[tuple[str, str]], now_ms: int) -> None:
         try:
@@ -467,6 +483,11 @@ class Metadata:
             cachetools.TTLCache(maxsize=maxsize, ttl=ttl)
         )
         self._inflight_remote_thumbnails: Inflight[list[ThumbnailRow]] = Inflight()
+        # Keys change rarely (a new row per fetch); a fresher one reaches us within the TTL.
+        self._keys: cachetools.TTLCache[RemoteKey, list[KeyRow]] = cachetools.TTLCache(
+            maxsize=maxsize, ttl=ttl
+        )
+        self._inflight_keys: Inflight[list[KeyRow]] = Inflight()
         self._accessed: set[str] = set()
         self._accessed_remote: set[RemoteKey] = set()
         self._flush_interval = flush_interval
@@ -532,6 +553,19 @@ class Metadata:
             key, lambda: self._bounded(self.db.remote_thumbnails(origin, media_id))
         )
         self._remote_thumbnails[key] = rows
+        return rows
+
+    async def server_keys(self, server_name: str, key_id: str) -> list[KeyRow]:
+        """`server_keys_json` rows for one key of another server (federation requests)."""
+        key = (server_name, key_id)
+        try:
+            return self._keys[key]
+        except KeyError:
+            pass
+        rows = await self._inflight_keys.run(
+            key, lambda: self._bounded(self.db.server_keys(server_name, key_id))
+        )
+        self._keys[key] = rows
         return rows
 
     async def _bounded(self, query: Coroutine[Any, Any, T]) -> T:

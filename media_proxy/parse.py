@@ -29,6 +29,7 @@ class Api(enum.Enum):
 
     CLIENT = "client"  # /_matrix/client/v1/media: access token required
     LEGACY = "legacy"  # /_matrix/media/{r0,v3,v1}: no token; `authenticated` media hidden
+    FEDERATION = "federation"  # /_matrix/federation/v1/media: X-Matrix signature, local media
 
 
 class Kind(enum.Enum):
@@ -48,7 +49,7 @@ class ThumbnailParams:
 class MediaRequest:
     api: Api
     kind: Kind
-    server_name: str
+    server_name: str  # "" on federation routes: they name no server (local media only)
     media_id: str
     file_name: str  # "" when absent: the stored upload name is used
     raw_path: str  # percent-encoded, without query: Synapse quotes it in its 404s
@@ -67,6 +68,10 @@ _DOWNLOAD: Final = re.compile(
 _THUMBNAIL: Final = re.compile(
     r"^/_matrix/(?:(?P<client>client/v1/media)|media/(?:r0|v3|v1))/thumbnail/"
     r"(?P<server_name>[^/]*)/(?P<media_id>[^/]*)$"
+)
+# Federation media (Synapse's BaseFederationServlet patterns): no server name, no file name.
+_FEDERATION: Final = re.compile(
+    r"^/_matrix/federation/v1/media/(?P<kind>download|thumbnail)/(?P<media_id>[^/]*)$"
 )
 ANIMATED_THUMBNAIL_TYPE: Final = "image/webp"
 _QUERY_SEPARATOR: Final = re.compile("[&;]")
@@ -268,7 +273,7 @@ def parse(method: str, raw_target: str) -> MediaRequest | None:
     if match is None:
         kind, match = Kind.THUMBNAIL, _THUMBNAIL.match(raw_path)
         if match is None:
-            return None
+            return _federation(raw_path, raw_query)
     server_name = _unquote(match["server_name"])
     if not valid_server_name(server_name):
         return None  # Synapse answers 500; let it
@@ -290,6 +295,33 @@ def parse(method: str, raw_target: str) -> MediaRequest | None:
         server_name=server_name,
         media_id=_unquote(match["media_id"]),
         file_name=_unquote(match.groupdict().get("file_name")),
+        raw_path=raw_path,
+        query=query,
+        thumbnail=thumbnail,
+    )
+
+
+def _federation(raw_path: str, raw_query: str) -> MediaRequest | None:
+    """A federation download or thumbnail; its query rules are the client API's."""
+    match = _FEDERATION.match(raw_path)
+    if match is None:
+        return None
+    kind = Kind(match["kind"])
+    query = parse_query(raw_query)
+    timeout = query.get("timeout_ms")
+    if timeout and not _valid_non_negative_int(timeout[0]):
+        return None  # Synapse's 400 M_INVALID_PARAM, after authentication
+    thumbnail = None
+    if kind is Kind.THUMBNAIL:
+        thumbnail = _thumbnail_params(query)
+        if thumbnail is None:
+            return None
+    return MediaRequest(
+        api=Api.FEDERATION,
+        kind=kind,
+        server_name="",
+        media_id=_unquote(match["media_id"]),
+        file_name="",
         raw_path=raw_path,
         query=query,
         thumbnail=thumbnail,

@@ -302,6 +302,36 @@ async def fill(
     return response
 
 
+async def multipart(
+    request: web.Request,
+    headers: h.Headers,
+    framing: tuple[bytes, bytes],
+    source: int | Fill,
+    length: int,
+) -> web.StreamResponse:
+    """A federation answer: the framing's head (JSON part, file part headers), the file
+    from the store descriptor or the growing fill, then the closing delimiter. `headers`
+    carry the exact Content-Length; a file that ends early aborts, as for downloads."""
+    response = await _start(request, headers)
+    if request.method != "HEAD":
+        head, tail = framing
+        await write(request, head)
+        if isinstance(source, Fill):
+            offset = 0
+            while offset < length:
+                try:
+                    end = min(await source.wait_beyond(offset), length)
+                except FillFailed as e:
+                    raise Aborted(str(e), cause="fill") from e
+                await _sendfile(request, source.fd, offset, end - offset)
+                offset = end
+        elif length:
+            await _sendfile(request, source, 0, length)
+        await write(request, tail)
+    await finish(request)
+    return response
+
+
 async def stream(
     request: web.Request, media_headers: h.Headers, body: S3Object, chunk_size: int
 ) -> web.StreamResponse:

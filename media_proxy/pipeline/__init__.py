@@ -17,8 +17,8 @@ from media_proxy.authorize import Authorizer
 from media_proxy.config import Config
 from media_proxy.locate import Locator
 from media_proxy.metadata import Metadata
-from media_proxy.parse import Kind, MediaRequest
-from media_proxy.pipeline import local, remote
+from media_proxy.parse import Api, Kind, MediaRequest
+from media_proxy.pipeline import federation, local, remote
 from media_proxy.pipeline.steps import Env, Outcome, PassThrough
 
 __all__ = ["MediaPipeline", "Outcome"]
@@ -45,8 +45,11 @@ class MediaPipeline:
         self, request: web.Request, media: MediaRequest, outcome: Outcome
     ) -> web.StreamResponse | None:
         """Synapse's answer to a download or thumbnail request, or None to pass it on."""
-        # Synapse's `is_mine_server_name`: exact, case-sensitive equality.
-        pipeline = _PIPELINES[(media.server_name == self.config.server_name, media.kind)]
+        if media.api is Api.FEDERATION:
+            pipeline: Pipeline = federation.download  # thumbnails: passed through there
+        else:
+            # Synapse's `is_mine_server_name`: exact, case-sensitive equality.
+            pipeline = _PIPELINES[(media.server_name == self.config.server_name, media.kind)]
         try:
             return await pipeline(self.env, request, media, outcome)
         except PassThrough:

@@ -98,7 +98,9 @@ def test_download_routes(
         "/_matrix/client/v1/media/config",
         "/_matrix/media/v3/preview_url?url=https://example.org",
         "/_matrix/client/v1/media/preview_url?url=https://example.org",
-        f"/_matrix/federation/v1/media/download/{ID}",
+        f"/_matrix/federation/v1/media/download/{ID}/",  # no server name, no file name
+        f"/_matrix/federation/v1/media/download/example.org/{ID}",
+        f"/_matrix/federation/v2/media/download/{ID}",
         "/_matrix/client/v3/account/whoami",
         "/",
         "",
