@@ -10,6 +10,7 @@ import os
 import shutil
 import time
 import urllib.parse
+from typing import Any
 
 import pytest
 
@@ -70,15 +71,27 @@ def s3_gets(faults: FaultProxy, rel: str) -> int:
     )
 
 
+def request_events(proxy: MediaProxy) -> list[dict[str, Any]]:
+    """The proxy's request log so far (complete lines only: one may be being written)."""
+    text = proxy.log_path.read_text()
+    lines = text[: text.rfind("\n") + 1].splitlines()
+    events = [json.loads(line) for line in lines if line.startswith("{")]
+    return [e for e in events if e.get("event") == "request"]
+
+
 def sources(proxy: MediaProxy, media_id: str) -> list[str]:
     """The `source` of each request for `media_id` in the proxy's request log, in order."""
-    out = []
-    for line in proxy.log_path.read_text().splitlines():
-        if line.startswith("{"):
-            event = json.loads(line)
-            if event.get("event") == "request" and event.get("media_id") == media_id:
-                out.append(event["source"])
-    return out
+    return [e["source"] for e in request_events(proxy) if e.get("media_id") == media_id]
+
+
+def source_of(proxy: MediaProxy, request_id: str) -> str:
+    """The `source` of the request sent with `X-Request-ID: request_id`, once it is logged
+    (the log line is written after the response)."""
+    found = wait_for(
+        lambda: [e["source"] for e in request_events(proxy) if e["request_id"] == request_id]
+    )
+    assert found, f"no request {request_id} in {proxy.log_path}"
+    return str(found[0])
 
 
 def fetch_through_home(home: Synapse, token: str, media: Media) -> None:

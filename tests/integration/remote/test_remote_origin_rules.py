@@ -6,6 +6,7 @@ and the proxy in front of it (restarted to read them) must answer exactly like i
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from tests.conftest import PASSWORD
 from tests.faults import FaultProxy
 from tests.integration.conftest import TEST_PROXY_CONFIG
 from tests.integration.media import Media, bearer, upload
-from tests.integration.remote.test_remote_media import fetch_through_home, sources
+from tests.integration.remote.test_remote_media import fetch_through_home, source_of
 from tests.integration.test_serving import differential
 
 
@@ -61,7 +62,7 @@ def cached(guarded: tuple[Synapse, MediaProxy, str], origin: Synapse, origin_tok
     return media
 
 
-def restart_with(guarded: tuple[Synapse, MediaProxy, str], **lists: object) -> None:
+def restart_with(guarded: tuple[Synapse, MediaProxy, str], **settings: object) -> None:
     server, proxy, _ = guarded
     proxy.stop()
     server.stop()
@@ -69,7 +70,8 @@ def restart_with(guarded: tuple[Synapse, MediaProxy, str], **lists: object) -> N
     server.extra_config = {
         "federation_domain_whitelist": None,
         "prevent_media_downloads_from": [],
-        **lists,
+        "dynamic_thumbnails": False,
+        **settings,
     }
     server.start()
     proxy.start()
@@ -110,19 +112,23 @@ def test_origin_lists_match_synapse(
     lists: dict[str, list[str]],
     download: int,
     thumbnail: int,
+    request: pytest.FixtureRequest,
 ) -> None:
+    request_id = request.node.callspec.id
     server, proxy, token = guarded
     restart_with(
         guarded,
         **{k: [cached.server_name if v == "ORIGIN" else v for v in vs] for k, vs in lists.items()},
     )
-    for path, headers in forms(cached, token):
+    for n, (path, headers) in enumerate(forms(cached, token)):
         for method in ("GET", "HEAD"):
-            ours, _ = differential(server, proxy, method, path, headers)
+            rid = f"{request_id}-{n}-{method}"
+            ours, _ = differential(server, proxy, method, path, [*headers, ("X-Request-ID", rid)])
+            assert source_of(proxy, rid) != "synapse"  # answered by the proxy itself
             expected = thumbnail if "/thumbnail/" in path else download
             if "allow_remote=false" in path:
                 expected = 404
-            elif expected == 200 and not headers:
+            elif expected == 200 and not any(k == "Authorization" for k, _ in headers):
                 expected = 404  # an authenticated row on a legacy route
             assert ours.status == expected, (path, ours.status, ours.body)
             if ours.status == 403 and method == "GET":
@@ -130,5 +136,25 @@ def test_origin_lists_match_synapse(
                     "errcode": "M_FORBIDDEN",
                     "error": f"Federation denied with {cached.server_name}.",
                 }
-    # answered by the proxy itself, never passed on
-    assert "synapse" not in sources(proxy, cached.media_id)
+
+
+def test_dynamic_remote_thumbnails_match_synapse(
+    guarded: tuple[Synapse, MediaProxy, str], cached: Media
+) -> None:
+    """With dynamic_thumbnails only exact rows are the proxy's; Synapse generates the rest
+    (and stores them, after which they are exact rows too)."""
+    server, proxy, token = guarded
+    restart_with(guarded, dynamic_thumbnails=True)
+    base = f"/_matrix/client/v1/media/thumbnail/{cached.server_name}/{cached.media_id}"
+    for query in (
+        "width=32&height=32&method=crop",  # a stored JPEG: not the PNG asked for
+        "width=32&height=32&method=crop&animated=true",
+        "width=77&height=55&method=scale",  # generated and stored by Synapse
+        "width=10&height=10&method=fit",
+    ):
+        differential(server, proxy, "GET", f"{base}?{query}", bearer(token))
+    time.sleep(float(TEST_PROXY_CONFIG["metadata_cache_ttl"]) + 0.2)  # the new row is seen
+    headers = [*bearer(token), ("X-Request-ID", "dynamic-exact")]
+    ours, _ = differential(server, proxy, "GET", f"{base}?width=77&height=55&method=scale", headers)
+    assert ours.status == 200 and ours.header("content-type") == "image/png"
+    assert source_of(proxy, "dynamic-exact") in ("cache", "s3")  # an exact row now
