@@ -17,9 +17,9 @@ grows. The database row, not the object, says whether media exists, so:
 Memory stays bounded by a page: objects are handled one listing page (1000 keys) at a time,
 with one lookup of that page's rows (indexed by media id; remote media by origin and
 `filesystem_id`, which has no index in Synapse's schema, so that lookup scans the origin's
-rows of `remote_media_cache`). The audit
-walks the rows in key order with keyset pagination (1000 rows a query, binary collation) and
-merges them with a listing of the same key range, so nothing is asked per file.
+rows of `remote_media_cache`). The audit walks the rows in key order with keyset pagination
+(1000 rows a query, bytewise order) and merges them with a listing of the same key range, so
+nothing is asked per file.
 """
 
 from __future__ import annotations
@@ -671,9 +671,8 @@ class AuditReport:
         orphans = sum(v["objects"] for v in self.orphans.values())
         orphan_bytes = sum(v["bytes"] for v in self.orphans.values())
         out = [
-            f"S3: {self.listed} objects, {human(self.listed_bytes)} listed in"
-            f" {self.seconds:.1f} s; orphans (Synapse no longer has their media): {orphans},"
-            f" {human(orphan_bytes)}",
+            f"S3: {self.listed} objects, {human(self.listed_bytes)} (audit: {self.seconds:.1f} s);"
+            f" orphans (Synapse no longer has their media): {orphans}, {human(orphan_bytes)}",
             *_kind_lines("orphans", self.orphans),
             *_kind_lines("of which < 7 days old", self.orphans_young),
             f"  unparseable keys (never pruned): {self.unparseable_count},"
