@@ -119,9 +119,7 @@ def local(home: Synapse, home_token: str) -> dict[str, Media]:
 
 
 @pytest.fixture(scope="module")
-def key_known(
-    home: Synapse, origin: Synapse, origin_token: str, local: dict[str, Media]
-) -> None:
+def key_known(home: Synapse, origin: Synapse, origin_token: str, local: dict[str, Media]) -> None:
     """B fetches A's media over federation: A verifies B's request and stores B's key."""
     media = local["text"]
     answer = request(origin.url, media.client_path(), headers=bearer(origin_token))
