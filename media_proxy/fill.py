@@ -266,6 +266,7 @@ class Filler:
         chunk_size: int,
         max_fills: int = 64,
         max_fills_per_client: int = 8,
+        fill_wait: float = 5.0,
     ) -> None:
         self.cache_root = cache_root
         self.fill_dir = cache_root / paths.FILL_DIR
@@ -276,6 +277,10 @@ class Filler:
         self.max_fills = max_fills
         self.max_fills_per_client = max_fills_per_client
         self._leading: dict[str, str | None] = {}  # rel -> the client address that started it
+        # A miss past a cap waits this long for a slot (a burst of thumbnails from one
+        # client is queued, not refused); then Busy.
+        self.fill_wait = fill_wait
+        self._slots = asyncio.Condition()
         self._cannot_cache_logged: dict[str, float] = {}
         self._disk_failed_until = 0.0
         umask = os.umask(0)
@@ -313,6 +318,12 @@ class Filler:
             final = paths.in_store(str(self.cache_root), rel)
             if time.monotonic() < self._disk_failed_until and not complete(final, length):
                 raise CannotCache("the cache's disk failed a moment ago")
+            if self._over_caps(client) and not complete(final, length):
+                await self._wait_for_slot(client)
+                fill = self._fills.get(rel)  # someone may have started it meanwhile
+                if fill is not None:
+                    fill.readers += 1
+                    return fill
             try:
                 role, fd = self._acquire(rel, final, length)
             except OSError as e:
@@ -338,6 +349,36 @@ class Filler:
             task.add_done_callback(self._tasks.discard)
         fill.readers += 1
         return fill
+
+    def _over_caps(self, client: str | None) -> bool:
+        if len(self._leading) >= self.max_fills:
+            return True
+        return client is not None and (
+            sum(1 for c in self._leading.values() if c == client) >= self.max_fills_per_client
+        )
+
+    async def _wait_for_slot(self, client: str | None) -> None:
+        """Wait up to `fill_wait` for the caps to allow one more fill; else Busy."""
+
+        async def freed() -> None:
+            async with self._slots:
+                await self._slots.wait_for(lambda: not self._over_caps(client))
+
+        try:
+            await asyncio.wait_for(freed(), self.fill_wait)
+        except TimeoutError:
+            per_client = len(self._leading) < self.max_fills
+            raise Busy("no fill slot came free in time", per_client=per_client) from None
+
+    def _free_slot(self, rel: str) -> None:
+        self._leading.pop(rel, None)
+        task = asyncio.ensure_future(self._notify_slots())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _notify_slots(self) -> None:
+        async with self._slots:
+            self._slots.notify_all()
 
     def _check_caps(self, rel: str, fd: int, client: str | None) -> None:
         if len(self._leading) >= self.max_fills:
@@ -458,7 +499,7 @@ class Filler:
             if hasher is not None and sha256 is not None and hasher.hexdigest() != sha256.lower():
                 raise FillFailed("sha256 of the S3 object differs from the database's")
             fill.verify()
-            self._leading.pop(fill.rel, None)  # the caps count S3 streams, not fsyncs
+            self._free_slot(fill.rel)  # the caps count S3 streams, not fsyncs
             try:
                 await asyncio.to_thread(os.fsync, fill.fd)
                 if os.fstat(fill.fd).st_size != fill.length:
@@ -483,7 +524,8 @@ class Filler:
                 obj.close()
             fcntl.flock(fill.fd, fcntl.LOCK_UN)
             self._fills.pop(fill.rel, None)
-            self._leading.pop(fill.rel, None)
+            if fill.rel in self._leading:
+                self._free_slot(fill.rel)
             metrics.fills_in_flight(self.in_flight)
             fill._close_if_unused()
 

@@ -84,6 +84,7 @@ class Proxy:
                 chunk_size=config.s3_chunk_size,
                 max_fills=config.max_fills,
                 max_fills_per_client=config.max_fills_per_client,
+                fill_wait=config.fill_wait,
             )
             if config.s3_prune_interval is not None:
                 self.pruner = BackgroundPruner(config, self.s3)
