@@ -6,6 +6,8 @@ Caches and TTLs are short so that tests see quarantines and access times within 
 
 from __future__ import annotations
 
+import contextlib
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -34,3 +36,19 @@ def proxy(synapse: Synapse, s3_proxy: FaultProxy, devstack_dir: Path) -> Iterato
     ).start()
     yield media_proxy
     media_proxy.stop()
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A real tmpfs of `size` mounted at `where` (a full or read-only disk on demand); the
+    test is skipped where mounting is not allowed."""
+    where.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)

@@ -33,7 +33,7 @@ from devstack.seaweed import SeaweedFS
 from devstack.synapse import Synapse
 from media_proxy import paths
 from tests.faults import FaultProxy
-from tests.integration.conftest import TEST_PROXY_CONFIG
+from tests.integration.conftest import TEST_PROXY_CONFIG, tmpfs
 from tests.integration.media import (
     Answer,
     Media,
@@ -302,17 +302,8 @@ def test_fills_are_capped_per_client_address_and_per_worker(
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with tmpfs(tmp_path / "disk", "64m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_read_only_cache_still_serves_verified_bytes_from_s3(

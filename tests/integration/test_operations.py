@@ -19,7 +19,7 @@ from devstack import Postgres, SeaweedFS, Synapse
 from devstack.postgres import PostgresDatabase
 from devstack.proxy import MediaProxy
 from devstack.seaweed import WEED_TMP
-from tests.integration.conftest import TEST_PROXY_CONFIG
+from tests.integration.conftest import TEST_PROXY_CONFIG, tmpfs
 from tests.integration.media import bearer, evict, request, store_file, stored_bytes, upload
 
 
@@ -239,17 +239,8 @@ def test_group_signal_is_a_clean_stop(
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     """A 2 MiB tmpfs: a cache disk that a 3 MiB file cannot fit on."""
-    mount = tmp_path / "tiny"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    with tmpfs(tmp_path / "tiny", "2m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_full_disk_serves_from_s3_uncached(
