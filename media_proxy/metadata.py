@@ -185,6 +185,18 @@ _STORE_REMOTE_THUMBNAILS: Final = (
     " FROM remote_media_cache_thumbnails AS t JOIN remote_media_cache AS r"
     " ON r.media_origin = t.media_origin AND r.media_id = t.media_id"
 )
+# Remote rows of the files of one chunk of the store walk. The unique index
+# (media_origin, media_id) narrows the scan to the origin's rows; Synapse has no index on
+# filesystem_id. Thumbnails then by (media_origin, media_id): that index's full key.
+_STORE_REMOTE_OF: Final = (
+    "SELECT filesystem_id, media_id, media_length, created_ts, last_access_ts, sha256"
+    " FROM remote_media_cache WHERE media_origin = {} AND filesystem_id IN ({})"
+)
+_STORE_REMOTE_THUMBNAILS_OF: Final = (
+    "SELECT media_id, thumbnail_width, thumbnail_height, thumbnail_type, thumbnail_method,"
+    " thumbnail_length FROM remote_media_cache_thumbnails"
+    " WHERE media_origin = {} AND media_id IN ({})"
+)
 
 
 def _store_row(row: Any) -> StoreRow:
@@ -214,6 +226,12 @@ class Database(Protocol):
     async def store_local_thumbnails(self, media_ids: Sequence[str]) -> list[ThumbnailRow]: ...
     async def store_remote_rows(self) -> dict[tuple[str, str], StoreRow]: ...
     async def store_remote_thumbnails(self) -> list[ThumbnailRow]: ...
+    async def store_remote_rows_of(
+        self, origin: str, fids: Sequence[str]
+    ) -> dict[str, tuple[str, StoreRow]]: ...
+    async def store_remote_thumbnails_of(
+        self, origin: str, media_ids: Sequence[str]
+    ) -> list[ThumbnailRow]: ...
     async def close(self) -> None: ...
 
 
@@ -317,6 +335,27 @@ class SqliteDatabase:
         rows = await self._all(_STORE_REMOTE_THUMBNAILS)
         return [_thumbnail_row("", r[0], r[1], r[2:]) for r in rows]
 
+    async def _of_origin(self, template: str, origin: str, ids: Sequence[str]) -> list[Any]:
+        rows: list[Any] = []
+        for i in range(0, len(ids), _BATCH):
+            batch = list(ids[i : i + _BATCH])
+            sql = template.format("?", ",".join("?" * len(batch)))
+            rows += await self._all(sql, [origin, *batch])
+        return rows
+
+    async def store_remote_rows_of(
+        self, origin: str, fids: Sequence[str]
+    ) -> dict[str, tuple[str, StoreRow]]:
+        """{filesystem_id: (media_id, row)} of one origin's media stored under `fids`."""
+        rows = await self._of_origin(_STORE_REMOTE_OF, origin, fids)
+        return {r[0]: (r[1], _store_row((r[2], r[3], r[4], None, r[5]))) for r in rows}
+
+    async def store_remote_thumbnails_of(
+        self, origin: str, media_ids: Sequence[str]
+    ) -> list[ThumbnailRow]:
+        rows = await self._of_origin(_STORE_REMOTE_THUMBNAILS_OF, origin, media_ids)
+        return [_thumbnail_row(r[0], origin, "", r[1:]) for r in rows]
+
     async def close(self) -> None:
         await self._conn.close()
 
@@ -412,6 +451,25 @@ class PostgresDatabase:
     async def store_remote_thumbnails(self) -> list[ThumbnailRow]:
         rows = await self._all(_STORE_REMOTE_THUMBNAILS)
         return [_thumbnail_row("", r[0], r[1], tuple(r)[2:]) for r in rows]
+
+    async def _of_origin(self, template: str, origin: str, ids: Sequence[str]) -> list[Any]:
+        sql = template.replace("IN ({})", "= ANY($2::text[])").format("$1")
+        rows: list[Any] = []
+        for i in range(0, len(ids), _BATCH * 10):
+            rows += await self._all(sql, origin, list(ids[i : i + _BATCH * 10]))
+        return rows
+
+    async def store_remote_rows_of(
+        self, origin: str, fids: Sequence[str]
+    ) -> dict[str, tuple[str, StoreRow]]:
+        rows = await self._of_origin(_STORE_REMOTE_OF, origin, fids)
+        return {r[0]: (r[1], _store_row((r[2], r[3], r[4], None, r[5]))) for r in rows}
+
+    async def store_remote_thumbnails_of(
+        self, origin: str, media_ids: Sequence[str]
+    ) -> list[ThumbnailRow]:
+        rows = await self._of_origin(_STORE_REMOTE_THUMBNAILS_OF, origin, media_ids)
+        return [_thumbnail_row(r[0], origin, "", tuple(r)[1:]) for r in rows]
 
     async def close(self) -> None:
         await self._pool.close()
@@ -565,7 +623,8 @@ class Metadata:
         rows = await self._inflight_keys.run(
             key, lambda: self._bounded(self.db.server_keys(server_name, key_id))
         )
-        self._keys[key] = rows
+        if rows:  # a key Synapse is fetching right now is seen as soon as it is stored
+            self._keys[key] = rows
         return rows
 
     async def _bounded(self, query: Coroutine[Any, Any, T]) -> T:

@@ -1,6 +1,7 @@
 """Federation media downloads (`/_matrix/federation/v1/media/download/{id}`) answered by the
 proxy in front of homeserver A: differential against A itself (SQLite and PostgreSQL), with
-the file in A's store and evicted from it.
+the file in A's store and evicted from it; and the real path, B fetching A's media through
+the proxy (``test_origin_fetches_through_the_proxy``).
 
 Real parts: Synapse B (``origin``) and Synapse A (``home``, S3 provider) federating over
 loopback, media-proxy in front of A, SeaweedFS behind the fault proxy that counts S3 GETs.
@@ -15,6 +16,8 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,10 +25,15 @@ import signedjson.key
 import signedjson.sign
 from signedjson.types import SigningKey
 
+from devstack.nginx import nginx_binary
+from devstack.procs import LOOPBACK, ManagedProcess, free_port
 from devstack.proxy import MediaProxy
 from devstack.samples import png
+from devstack.seaweed import SeaweedFS
 from devstack.synapse import Synapse
+from tests.conftest import PASSWORD
 from tests.faults import FaultProxy
+from tests.integration.conftest import TEST_PROXY_CONFIG
 from tests.integration.media import (
     Answer,
     Media,
@@ -287,3 +295,129 @@ def test_escaped_target_is_verified_raw(
     ours, _ = differential(home, home_proxy, "GET", escaped, headers)
     assert ours.status == 200 and file_part(ours) == media.data
     assert sources(home_proxy, media.media_id)[-1] in ("cache", "s3")
+
+
+_TLS_FRONT = """
+worker_processes 1;
+error_log logs/error.log;
+pid logs/nginx.pid;
+events {{ worker_connections 64; }}
+http {{
+    access_log logs/access.log;
+    client_body_temp_path tmp/body;
+    proxy_temp_path tmp/proxy;
+    fastcgi_temp_path tmp/fastcgi;
+    uwsgi_temp_path tmp/uwsgi;
+    scgi_temp_path tmp/scgi;
+    server {{
+        listen {listen} ssl;
+        ssl_certificate {cert};
+        ssl_certificate_key {key};
+        proxy_http_version 1.1;
+        proxy_set_header Host $http_host;
+        proxy_buffering off;
+        # no proxy_pass URI: the request line (and so the signed target) goes unchanged
+        location ~ ^/_matrix/federation/v1/media/ {{ proxy_pass http://{proxy}; }}
+        location / {{ proxy_pass http://{synapse}; }}
+    }}
+}}
+"""
+
+
+@pytest.fixture(scope="module")
+def fronted(
+    devstack_dir: Path, seaweed: SeaweedFS, origin: Synapse, s3_proxy: FaultProxy
+) -> Iterator[tuple[Synapse, MediaProxy]]:
+    """A homeserver whose federation port is a TLS nginx sending federation media to the
+    proxy and the rest to Synapse's plain listener: B reaches A's media through the proxy."""
+    port = free_port()
+    plain = {
+        "port": port,
+        "bind_addresses": [LOOPBACK],
+        "type": "http",
+        "tls": False,
+        "x_forwarded": True,
+        "resources": [{"names": ["client", "federation"], "compress": False}],
+    }
+    home = Synapse(
+        devstack_dir / "synapse-fronted",
+        s3=seaweed.create_bucket("fronted"),
+        federation=True,
+        port=port,
+        extra_config={"listeners": [plain]},  # the TLS port is nginx's
+    ).start()
+    proxy: MediaProxy | None = None
+    front: ManagedProcess | None = None
+    try:
+        proxy = MediaProxy(
+            devstack_dir / "media-proxy-fronted",
+            synapse_config=home.config_path,
+            synapse_url=home.url,
+            config={**TEST_PROXY_CONFIG, "s3": {"endpoint_url": s3_proxy.url}},
+        ).start()
+        prefix = devstack_dir / "nginx-fronted"
+        for sub in ("conf", "logs", "tmp"):
+            (prefix / sub).mkdir(parents=True, exist_ok=True)
+        assert home.federation_port is not None
+        (prefix / "conf" / "nginx.conf").write_text(
+            _TLS_FRONT.format(
+                listen=f"{LOOPBACK}:{home.federation_port}",
+                cert=home.workdir / "tls.crt",
+                key=home.workdir / "tls.key",
+                proxy=f"{LOOPBACK}:{proxy.port}",
+                synapse=f"{LOOPBACK}:{port}",
+            )
+        )
+        directives = "daemon off;" + (" user root;" if os.geteuid() == 0 else "")
+        front = ManagedProcess(
+            "nginx (TLS front)",
+            [nginx_binary(), "-p", f"{prefix}/", "-c", str(prefix / "conf" / "nginx.conf"),
+             "-g", directives],
+            log_path=prefix / "logs" / "nginx.out",
+        )  # fmt: skip
+        front.wait_for_port(home.federation_port, timeout=15)
+        yield home, proxy
+    finally:
+        if front is not None:
+            front.stop()
+        if proxy is not None:
+            proxy.stop()
+        home.stop()
+
+
+def test_origin_fetches_through_the_proxy(
+    fronted: tuple[Synapse, MediaProxy],
+    origin: Synapse,
+    origin_token: str,
+    s3_faults: FaultProxy,
+) -> None:
+    """B downloads A's media with its own federation client: the first request carries a key
+    A has not stored yet (passed to A, which fetches and stores it), then the proxy answers:
+    an evicted file from S3 (one GET, put back), a stored one from the store."""
+    home, proxy = fronted
+    token = home.register_user("frank", PASSWORD)
+
+    def up(data: bytes, content_type: str, name: str) -> Media:
+        return upload(
+            home.url, token, data, content_type=content_type, name=name,
+            server_name=home.server_name,
+        )  # fmt: skip
+
+    first = up(b"first " * 100, "text/plain", "first.txt")
+    evicted = up(os.urandom(2 * 1024 * 1024 + 3), "video/mp4", "clip.mp4")
+    stored = up(png(64, 48, 5), "image/png", "cat.png")
+    evict(home, evicted)
+    s3_faults.reset()
+    for media in (first, evicted, stored):
+        answer = request(origin.url, media.client_path(), headers=bearer(origin_token))
+        assert answer.status == 200 and answer.body == media.data, answer
+        assert (answer.header("content-type") or "").startswith(media.content_type)
+        assert media.name is not None and media.name in (answer.header("content-disposition") or "")
+    assert s3_gets(s3_faults, evicted) == 1
+    assert stored_bytes(home, evicted) == evicted.data
+    assert wait_for(
+        lambda: (
+            [sources(proxy, m.media_id) for m in (first, evicted, stored)]
+            == [["synapse"], ["s3"], ["cache"]]
+        )
+    )
