@@ -1,8 +1,15 @@
 """Eviction: delete cached files, least recently accessed first, until the cache fits a budget,
 and only files S3 is known, at that moment, to hold.
 
-For each candidate, in order of `CachedFile.last_access` (oldest first), one at a time per
-worker:
+Candidates come from the streamed, annotated walk (inventory.chunks: recency and lengths from
+the database, looked up by indexed columns, chunk by chunk) through a bounded heap that keeps
+the oldest files covering the bytes to free (at most `ROUND_FILES`): memory follows the work,
+never the store, and nothing sorts the whole store. Synapse has no index on `last_access_ts`,
+so an `ORDER BY last_access_ts` would scan and sort the table just the same, and would miss
+files without a row. When skipped files leave the pass short, another round takes the next
+oldest, after the last one considered.
+
+For each candidate, oldest first, one at a time per worker:
 1. it must still be the file the walk saw (inode, size, mtime), and be at least `min_age`
    old by its mtime (a file Synapse is writing in place, or just wrote, is young);
 2. S3 is asked (HeadObject) for the provider's key: it must hold an object of the file's
@@ -16,6 +23,8 @@ worker:
    first, stopping at the kind's top folder; a refill recreates them (fill.py retries).
 Every step is idempotent and each deletion is a single `unlink` of a file S3 holds, so a
 SIGKILL at any moment loses nothing and leaves nothing partial: the next run walks again.
+S3 requests: one HeadObject (and, for small files with a sha256, one GET) per candidate
+considered, which is per file evicted plus those skipped; none for the rest of the store.
 URL-preview files and files outside Synapse's layout are never candidates.
 """
 
@@ -26,9 +35,11 @@ import contextlib
 import datetime
 import fcntl
 import hashlib
+import heapq
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
 
@@ -36,7 +47,7 @@ import structlog
 
 from media_proxy import metrics, paths
 from media_proxy.config import Config
-from media_proxy.inventory import IN_S3, CachedFile, annotate, walk
+from media_proxy.inventory import IN_S3, CachedFile, chunks, iter_walk
 from media_proxy.metadata import Database, DatabaseError, open_database
 from media_proxy.progress import Progress, Summary
 from media_proxy.s3 import S3, S3Error
@@ -48,6 +59,8 @@ DEFAULT_MIN_AGE: Final = 86400.0
 _HASH_CHUNK: Final = 1024 * 1024
 # Background eviction: at most this many files per pass, and at most half the interval.
 BACKGROUND_MAX_FILES: Final = 5000
+# Candidates one round of a pass holds at most (a few hundred bytes each).
+ROUND_FILES: Final = 50_000
 
 
 @dataclass(frozen=True)
@@ -70,6 +83,68 @@ def prune_empty_dirs(root: str, rel: str) -> int:
             break
         removed += 1
     return removed
+
+
+def store_bytes(root: str) -> int:
+    """The media folders' total size: a streamed walk, constant memory (blocking)."""
+    return sum(f.size for f in iter_walk(root))
+
+
+class _Newest:
+    """A heap entry ordered newest first, so that the heap's top is the one to drop."""
+
+    __slots__ = ("file", "key")
+
+    def __init__(self, file: CachedFile) -> None:
+        self.file = file
+        self.key = (file.last_access, file.rel)
+
+    def __lt__(self, other: _Newest) -> bool:
+        return self.key > other.key
+
+
+@dataclass
+class Selection:
+    """One round's candidates (oldest first) and what the walk saw on the way."""
+
+    files: list[CachedFile] = field(default_factory=list)
+    total_bytes: int = 0
+    not_in_s3_bytes: int = 0
+    more: bool = False  # older-than-the-rest files were left out: another round may follow
+
+
+async def select_oldest(
+    batches: AsyncIterator[list[CachedFile]],
+    need: int,
+    *,
+    max_files: int,
+    after: tuple[float, str] | None = None,
+) -> Selection:
+    """The oldest evictable files (recency, then store path) strictly after `after`, as few
+    as cover `need` bytes and at most `max_files`: a bounded heap over the stream, O(kept)
+    memory, O(n log kept) time."""
+    sel = Selection()
+    heap: list[_Newest] = []
+    held = 0
+    async for chunk in batches:
+        for f in chunk:
+            sel.total_bytes += f.size
+            if f.kind not in IN_S3:
+                sel.not_in_s3_bytes += f.size
+                continue
+            item = _Newest(f)
+            if after is not None and item.key <= after:
+                continue
+            if heap and (len(heap) >= max_files or held >= need) and item.key >= heap[0].key:
+                sel.more = True  # newer than every file kept, and enough is kept
+                continue
+            heapq.heappush(heap, item)
+            held += f.size
+            while heap and (len(heap) > max_files or held - heap[0].file.size >= max(need, 1)):
+                held -= heapq.heappop(heap).file.size
+                sel.more = True
+    sel.files = [item.file for item in sorted(heap, key=lambda i: i.key)]
+    return sel
 
 
 async def s3_sha256(s3: S3, rel: str) -> str | None:
@@ -98,24 +173,87 @@ class Evictor:
 
     async def run(
         self,
-        files: list[CachedFile],
+        walk: Callable[[], AsyncIterator[list[CachedFile]]],
+        total: int,
         max_size: int,
         *,
         max_files: int | None = None,
         time_limit: float | None = None,
     ) -> Summary:
+        """Free `total - max_size` bytes (`total`: the store's size, from `store_bytes`).
+        `walk` starts a new annotated walk of the store (inventory.chunks) for each round."""
         started = time.monotonic()
         summary = Summary("would evict" if self.rules.dry_run else "evicted")
-        total = sum(f.size for f in files)
         need = total - max_size
-        candidates = sorted((f for f in files if f.kind in IN_S3), key=lambda f: f.last_access)
         summary.extra.update(
-            budget_bytes=max_size, before_bytes=total, kept_not_in_s3_bytes=0, uploaded_files=0
+            budget_bytes=max_size,
+            before_bytes=total,
+            kept_not_in_s3_bytes=0,
+            uploaded_files=0,
+            rounds=0,
         )
-        summary.extra["kept_not_in_s3_bytes"] = sum(f.size for f in files if f.kind not in IN_S3)
-        progress = (
-            Progress("cache_evict", len(candidates), max(need, 0)) if self.show_progress else None
+        freed = 0
+        after: tuple[float, str] | None = None
+        stopped = ""
+        progress: Progress | None = None
+        try:
+            while freed < need and not stopped:
+                cap = (
+                    ROUND_FILES
+                    if max_files is None
+                    else min(ROUND_FILES, max_files - summary.files)
+                )
+                sel = await select_oldest(walk(), need - freed, max_files=max(cap, 1), after=after)
+                summary.extra["rounds"] += 1
+                if summary.extra["rounds"] == 1:
+                    summary.extra["kept_not_in_s3_bytes"] = sel.not_in_s3_bytes
+                if not sel.files:
+                    break
+                if self.show_progress:
+                    if progress is None:
+                        progress = Progress("cache_evict", 0, max(need, 0))
+                    progress.total_files += len(sel.files)
+                remaining = (
+                    None if time_limit is None else time_limit - (time.monotonic() - started)
+                )
+                got, stopped = await self._round(
+                    sel.files,
+                    need - freed,
+                    summary,
+                    progress,
+                    max_files=max_files,
+                    time_limit=remaining,
+                )
+                freed += got
+                last = sel.files[-1]
+                after = (last.last_access, last.rel)
+                if not sel.more:
+                    break
+        finally:
+            if progress is not None:
+                progress.close()
+        summary.seconds = time.monotonic() - started
+        after_bytes = total - freed
+        summary.extra.update(
+            after_bytes=after_bytes, over_budget_bytes=max(0, after_bytes - max_size)
         )
+        if stopped:
+            summary.extra["stopped"] = stopped
+        return summary
+
+    async def _round(
+        self,
+        candidates: list[CachedFile],
+        need: int,
+        summary: Summary,
+        progress: Progress | None,
+        *,
+        max_files: int | None,
+        time_limit: float | None,
+    ) -> tuple[int, str]:
+        """Evict candidates in order, `concurrency` at a time, until `need` bytes are freed;
+        returns the bytes freed and why it stopped early ("" if it did not)."""
+        started = time.monotonic()
         freed = inflight = 0
         pending: set[asyncio.Task[int]] = set()
         stopped = ""
@@ -161,14 +299,7 @@ class Evictor:
         finally:
             for task in pending:
                 task.cancel()
-            if progress is not None:
-                progress.close()
-        summary.seconds = time.monotonic() - started
-        after = total - freed
-        summary.extra.update(after_bytes=after, over_budget_bytes=max(0, after - max_size))
-        if stopped:
-            summary.extra["stopped"] = stopped
-        return summary
+        return freed, stopped
 
     async def _one(self, f: CachedFile, summary: Summary) -> int:
         """Evict one file if every rule allows; returns the bytes freed (or planned)."""
@@ -293,16 +424,20 @@ class BackgroundEvictor:
         if not self.lock.acquire():
             return None
         root = str(self.config.cache_path)
-        files = await asyncio.to_thread(walk, root)
-        metrics.store_size(sum(f.size for f in files))
-        if sum(f.size for f in files) <= self.max_size:
+        total = await asyncio.to_thread(store_bytes, root)
+        metrics.store_size(total)
+        if total <= self.max_size:
             return None  # under budget: no database work
         if self.db is None:
             self.db = await open_database(self.config.database)
-        await annotate(self.db, files)
+        db = self.db
         evictor = Evictor(self.s3, root, self.rules, show_progress=False)
         summary = await evictor.run(
-            files, self.max_size, max_files=BACKGROUND_MAX_FILES, time_limit=self.interval / 2
+            lambda: chunks(root, db),
+            total,
+            self.max_size,
+            max_files=BACKGROUND_MAX_FILES,
+            time_limit=self.interval / 2,
         )
         metrics.evicted(summary.files, summary.bytes)
         metrics.store_size(summary.extra.get("after_bytes", 0))

@@ -18,16 +18,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import itertools
 import os
 import stat
 import time
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
 
 from media_proxy import paths
 from media_proxy.metadata import Database, StoreRow, ThumbnailRow
+from media_proxy.s3 import S3, S3Error
 
 
 class Kind(StrEnum):
@@ -53,6 +56,8 @@ TOP_FOLDERS: Final = {
 IN_S3: Final = frozenset(
     {Kind.LOCAL_ORIGINAL, Kind.LOCAL_THUMBNAIL, Kind.REMOTE_ORIGINAL, Kind.REMOTE_THUMBNAIL}
 )
+# Files per chunk of the streamed walk (one batch of database lookups each).
+CHUNK: Final = 2000
 
 
 @dataclass(slots=True)
@@ -102,34 +107,64 @@ def classify(rel: str) -> Kind | None:
     return kind
 
 
+def _entries(path: str) -> list[tuple[str, bool]]:
+    """(name, is a folder) of a folder's entries, sorted so that full store paths come out in
+    S3's key order (UTF-8 binary, which is Python's code point order): a folder sorts as its
+    name followed by "/", as its files' keys do."""
+    try:
+        with os.scandir(path) as it:
+            found = [(e.name, e.is_dir(follow_symlinks=False)) for e in it]
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return []
+    found.sort(key=lambda e: e[0] + "/" if e[1] else e[0])
+    return found
+
+
+def _below(root: str, rel_dir: str, after: str) -> Iterator[CachedFile]:
+    prefix = rel_dir + "/"
+    if after >= prefix and not after.startswith(prefix):
+        return  # every path below sorts before `after`: done in an earlier run
+    for name, is_dir in _entries(os.path.join(root, rel_dir)):
+        rel = prefix + name
+        if is_dir:
+            yield from _below(root, rel, after)
+            continue
+        if rel <= after:
+            continue
+        try:
+            st = os.lstat(os.path.join(root, rel))
+        except FileNotFoundError:
+            continue
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        kind = classify(rel)
+        assert kind is not None
+        yield CachedFile(rel, kind, st.st_size, st.st_mtime_ns, st.st_atime_ns, st.st_ino)
+
+
+def iter_walk(root: str, after: str = "") -> Iterator[CachedFile]:
+    """Every regular file in the media folders below `root`, streamed in S3's key order (so
+    it merges with a ListObjectsV2 listing), starting after the store path `after` (a walk
+    resumes where another stopped). Memory: one folder's names per level, never the store.
+    Blocking: run it in a thread."""
+    for top in sorted(TOP_FOLDERS, key=lambda t: t + "/"):
+        yield from _below(root, top, after)
+
+
 def walk(root: str) -> list[CachedFile]:
-    """Every regular file in the media folders below `root` (blocking: run it in a thread)."""
-    files: list[CachedFile] = []
-    for top in TOP_FOLDERS:
-        stack = [top]
-        while stack:
-            rel_dir = stack.pop()
-            try:
-                entries = list(os.scandir(os.path.join(root, rel_dir)))
-            except (FileNotFoundError, NotADirectoryError, PermissionError):
-                continue
-            for entry in entries:
-                rel = f"{rel_dir}/{entry.name}"
-                try:
-                    if entry.is_dir(follow_symlinks=False):
-                        stack.append(rel)
-                        continue
-                    st = entry.stat(follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                if not stat.S_ISREG(st.st_mode):
-                    continue
-                kind = classify(rel)
-                assert kind is not None
-                files.append(
-                    CachedFile(rel, kind, st.st_size, st.st_mtime_ns, st.st_atime_ns, st.st_ino)
-                )
-    return files
+    """Every regular file in the media folders below `root`, as a list (small stores, tests)."""
+    return list(iter_walk(root))
+
+
+async def chunks(
+    root: str, db: Database, *, size: int = CHUNK, after: str = ""
+) -> AsyncIterator[list[CachedFile]]:
+    """The streamed walk, `size` files at a time, each chunk annotated from the database
+    (batched lookups by indexed columns): bounded memory whatever the store holds."""
+    files = iter_walk(root, after)
+    while chunk := await asyncio.to_thread(lambda: list(itertools.islice(files, size))):
+        await annotate(db, chunk)
+        yield chunk
 
 
 def _apply(file: CachedFile, row: StoreRow, *, original: bool) -> None:
@@ -180,22 +215,29 @@ async def annotate(db: Database, files: list[CachedFile]) -> None:
         for thumb in await db.store_local_thumbnails(local_ids):
             _set_thumbnail_length(by_rel, thumb)
 
-    remote_keys = {
-        f.media_key for f in files if f.kind in (Kind.REMOTE_ORIGINAL, Kind.REMOTE_THUMBNAIL)
-    }
-    if remote_keys:
-        for (server, fid), row in (await db.store_remote_rows()).items():
-            key = f"{server}/{fid}"
-            if key not in remote_keys:
-                continue
+    remote: dict[str, set[str]] = {}  # origin -> filesystem ids of this chunk's files
+    for f in files:
+        if f.kind in (Kind.REMOTE_ORIGINAL, Kind.REMOTE_THUMBNAIL):
+            origin, fid = f.media_key.split("/", 1)
+            remote.setdefault(origin, set()).add(fid)
+    for origin, fids in remote.items():
+        rows = await db.store_remote_rows_of(origin, sorted(fids))
+        fid_of: dict[str, str] = {}
+        for fid, (media_id, row) in rows.items():
+            fid_of[media_id] = fid
+            key = f"{origin}/{fid}"
             with contextlib.suppress(paths.PathError):
-                if (orig := by_rel.get(paths.remote_media(server, fid))) is not None:
+                if (orig := by_rel.get(paths.remote_media(origin, fid))) is not None:
                     _apply(orig, row, original=True)
             for f in thumbnails.get((Kind.REMOTE_THUMBNAIL, key), []):
                 _apply(f, row, original=False)
-        for thumb in await db.store_remote_thumbnails():
-            if f"{thumb.server_name}/{thumb.filesystem_id}" in remote_keys:
-                _set_thumbnail_length(by_rel, thumb)
+        if fid_of:
+            for thumb in await db.store_remote_thumbnails_of(origin, sorted(fid_of)):
+                # Paths come from the media row's filesystem_id, as Synapse builds them.
+                fid = fid_of[thumb.media_id]
+                _set_thumbnail_length(
+                    by_rel, dataclasses.replace(thumb, server_name=origin, filesystem_id=fid)
+                )
 
 
 def _set_thumbnail_length(by_rel: dict[str, CachedFile], thumb: ThumbnailRow) -> None:
@@ -206,7 +248,63 @@ def _set_thumbnail_length(by_rel: dict[str, CachedFile], thumb: ThumbnailRow) ->
 
 
 async def inventory(root: str, db: Database) -> list[CachedFile]:
-    """Walk the cache (in a thread), then annotate from the database."""
-    files = await asyncio.to_thread(walk, root)
-    await annotate(db, files)
-    return files
+    """The whole annotated store as a list (small stores, tests; commands stream `chunks`)."""
+    return [f async for chunk in chunks(root, db) for f in chunk]
+
+
+def segment(rel: str) -> str:
+    """The listing prefix under which a file's S3 key is looked up: its top folder, or its
+    origin's folder for remote media. Keys of one segment are contiguous in key order, and
+    within one the walk's order and the listing's agree whatever separator sorting a store
+    uses (an origin "a.b" against "a" is where they could differ)."""
+    parts = rel.split("/", 2)
+    if parts[0] in ("remote_content", "remote_thumbnail") and len(parts) == 3:
+        return f"{parts[0]}/{parts[1]}/"
+    return parts[0] + "/"
+
+
+class ListingJoin:
+    """S3's size of each file, from ListObjectsV2 pages (1,000 keys a request) merged with
+    the walk: the files must be asked for in the walk's (key) order. One page in memory."""
+
+    def __init__(self, s3: S3) -> None:
+        self.s3 = s3
+        self._segment: str | None = None
+        self._pages: AsyncIterator[list[tuple[str, int, float]]] | None = None
+        self._page: list[tuple[str, int, float]] = []
+        self._i = 0
+        self._last = ""
+        self.pages = 0
+
+    async def size(self, rel: str) -> int | None:
+        """The size S3 lists for `rel`, or None when the listing has no such key."""
+        seg = segment(rel)
+        if seg != self._segment:
+            await self.close()
+            self._segment, self._page, self._i, self._last = seg, [], 0, ""
+            self._pages = aiter(self.s3.list_pages(seg))
+        while True:
+            while self._i < len(self._page):
+                key, size, _ = self._page[self._i]
+                if key < self._last:
+                    raise S3Error(
+                        f"ListObjectsV2 {seg}: keys out of order ({key} after {self._last})"
+                    )
+                self._last = key
+                if key > rel:
+                    return None
+                self._i += 1
+                if key == rel:
+                    return size
+            if self._pages is None:
+                return None
+            try:
+                self._page, self._i = await anext(self._pages), 0
+                self.pages += 1
+            except StopAsyncIteration:
+                self._pages, self._page, self._i = None, [], 0
+
+    async def close(self) -> None:
+        pages, self._pages = self._pages, None
+        if pages is not None and hasattr(pages, "aclose"):
+            await pages.aclose()

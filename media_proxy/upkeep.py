@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from media_proxy.config import Config
-from media_proxy.evict import Evictor, Rules
-from media_proxy.inventory import IN_S3, CachedFile, Kind, inventory
+from media_proxy.evict import Evictor, Rules, store_bytes
+from media_proxy.inventory import IN_S3, CachedFile, Kind, ListingJoin, chunks
 from media_proxy.metadata import Database, DatabaseError, open_database
 from media_proxy.progress import Progress, Summary, human
 from media_proxy.s3 import S3, S3Error
@@ -61,67 +61,104 @@ def _iso(ts: float | None) -> str | None:
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-async def _s3_coverage(
-    s3: S3, files: list[CachedFile], sample: int | None, concurrency: int
-) -> dict[str, Any]:
-    """HeadObject on every S3-kind file (or a random sample): how much S3 holds."""
-    eligible = [f for f in files if f.kind in IN_S3]
-    checked = eligible if sample is None else random.sample(eligible, min(sample, len(eligible)))
-    counts = {"held": 0, "held_bytes": 0, "missing": 0, "other_size": 0, "errors": 0}
-    progress = Progress("cache_status", len(checked), sum(f.size for f in checked))
-    sem = asyncio.Semaphore(concurrency)
+class _Coverage:
+    """How much of the store S3 holds. Full: each file's size from the listing merged with the
+    walk (ListObjectsV2, no HeadObject). Sampled: a reservoir of `sample` files (memory
+    bounded by the sample), each then asked with HeadObject."""
 
-    async def one(f: CachedFile) -> None:
-        async with sem:
-            try:
-                size = await s3.size(f.rel)
-            except S3Error:
-                counts["errors"] += 1
-                return
-            finally:
-                progress.advance(1, f.size)
+    def __init__(self, s3: S3, sample: int | None) -> None:
+        self.s3, self.sample = s3, sample
+        self.listing = ListingJoin(s3)
+        self.counts = {"held": 0, "held_bytes": 0, "missing": 0, "other_size": 0, "errors": 0}
+        self.checked_files = self.checked_bytes = self.eligible_files = self.eligible_bytes = 0
+        self.reservoir: list[CachedFile] = []
+
+    def _count(self, f: CachedFile, size: int | None) -> None:
+        self.checked_files += 1
+        self.checked_bytes += f.size
         if size is None:
-            counts["missing"] += 1
+            self.counts["missing"] += 1
         elif size != f.size:
-            counts["other_size"] += 1
+            self.counts["other_size"] += 1
         else:
-            counts["held"] += 1
-            counts["held_bytes"] += f.size
+            self.counts["held"] += 1
+            self.counts["held_bytes"] += f.size
 
-    try:
-        await asyncio.gather(*(one(f) for f in checked))
-    finally:
-        progress.close()
-    checked_bytes = sum(f.size for f in checked)
-    eligible_bytes = sum(f.size for f in eligible)
-    share = counts["held_bytes"] / checked_bytes if checked_bytes else 1.0
-    return {
-        "method": "full" if sample is None else f"sample of {len(checked)} files",
-        "checked_files": len(checked),
-        "checked_bytes": checked_bytes,
-        **counts,
-        "held_share_by_bytes": round(share, 4),
-        "estimated_held_bytes": round(share * eligible_bytes)
-        if sample is not None
-        else counts["held_bytes"],
-    }
+    async def add(self, f: CachedFile) -> None:
+        """Called for each file, in the walk's order."""
+        if f.kind not in IN_S3:
+            return
+        self.eligible_files += 1
+        self.eligible_bytes += f.size
+        if self.sample is None:
+            self._count(f, await self.listing.size(f.rel))
+        elif len(self.reservoir) < self.sample:
+            self.reservoir.append(f)
+        elif (j := random.randrange(self.eligible_files)) < self.sample:
+            self.reservoir[j] = f
+
+    async def result(self, concurrency: int) -> dict[str, Any]:
+        await self.listing.close()
+        sem = asyncio.Semaphore(concurrency)
+
+        async def head(f: CachedFile) -> None:
+            async with sem:
+                try:
+                    size = await self.s3.size(f.rel)
+                except S3Error:
+                    self.counts["errors"] += 1
+                    return
+            self._count(f, size)
+
+        await asyncio.gather(*(head(f) for f in self.reservoir))
+        share = self.counts["held_bytes"] / self.checked_bytes if self.checked_bytes else 1.0
+        sampled = self.sample is not None
+        return {
+            "method": f"sample of {len(self.reservoir)} files" if sampled else "full",
+            "source": "HeadObject" if sampled else "ListObjectsV2",
+            "list_requests": self.listing.pages,
+            "checked_files": self.checked_files + (self.counts["errors"] if sampled else 0),
+            "checked_bytes": self.checked_bytes,
+            **self.counts,
+            "held_share_by_bytes": round(share, 4),
+            "estimated_held_bytes": round(share * self.eligible_bytes)
+            if sampled
+            else self.counts["held_bytes"],
+        }
 
 
 async def status(
     config: Config, *, sample: int | None, concurrency: int = 32, check_s3: bool = True
 ) -> dict[str, Any]:
+    """The store by kind, recency and S3 coverage, from one streamed walk: memory and
+    database work per chunk, S3 requests per 1,000 keys listed."""
     async with _parts(config, need_s3=False) as parts:
-        files = await inventory(parts.root, parts.db)
         kinds: dict[str, dict[str, int]] = {k.value: {"files": 0, "bytes": 0} for k in Kind}
-        for f in files:
-            kinds[f.kind.value]["files"] += 1
-            kinds[f.kind.value]["bytes"] += f.size
-        total = sum(f.size for f in files)
-        accesses = [f.last_access for f in files]
+        files = total = 0
+        oldest: float | None = None
+        newest: float | None = None
+        coverage = _Coverage(parts.s3, sample) if check_s3 and parts.s3 is not None else None
+        progress = Progress("cache_status", 0, 0)
+        try:
+            async for chunk in chunks(parts.root, parts.db):
+                progress.total_files += len(chunk)
+                for f in chunk:
+                    kinds[f.kind.value]["files"] += 1
+                    kinds[f.kind.value]["bytes"] += f.size
+                    files += 1
+                    total += f.size
+                    access = f.last_access
+                    oldest = access if oldest is None else min(oldest, access)
+                    newest = access if newest is None else max(newest, access)
+                    if coverage is not None:
+                        await coverage.add(f)
+                    progress.advance(1, f.size)
+        finally:
+            progress.close()
         st = os.statvfs(parts.root)
         result: dict[str, Any] = {
             "cache_path": parts.root,
-            "files": len(files),
+            "files": files,
             "bytes": total,
             "kinds": kinds,
             "budget_bytes": config.cache_max_size,
@@ -129,14 +166,14 @@ async def status(
             if config.cache_max_size is not None
             else None,
             "disk_free_bytes": st.f_bavail * st.f_frsize,
-            "oldest_access": _iso(min(accesses) if accesses else None),
-            "newest_access": _iso(max(accesses) if accesses else None),
+            "oldest_access": _iso(oldest),
+            "newest_access": _iso(newest),
             "recency_rule": "last_access_ts, else created_ts, of the media row; "
             "files without a row: the later of mtime and atime",
             "s3": None,
         }
-        if check_s3 and parts.s3 is not None:
-            result["s3"] = await _s3_coverage(parts.s3, files, sample, concurrency)
+        if coverage is not None:
+            result["s3"] = await coverage.result(concurrency)
         return result
 
 
@@ -189,8 +226,9 @@ async def run_upload(
 ) -> int:
     async with _parts(config, need_s3=True) as parts:
         assert parts.s3 is not None
-        files = await inventory(parts.root, parts.db)
-        summary = await Uploader(parts.s3, parts.root, concurrency, dry_run).run(files)
+        summary = await Uploader(parts.s3, parts.root, concurrency, dry_run).run(
+            chunks(parts.root, parts.db)
+        )
     _print_summary(summary, as_json, out)
     failed = summary.skipped["s3_error"] + summary.skipped["unverified"]
     return 1 if failed else 0
@@ -207,9 +245,10 @@ async def run_evict(
 ) -> int:
     async with _parts(config, need_s3=True) as parts:
         assert parts.s3 is not None
-        files = await inventory(parts.root, parts.db)
-        evictor = Evictor(parts.s3, parts.root, rules, concurrency=concurrency)
-        summary = await evictor.run(files, max_size)
+        root, db = parts.root, parts.db
+        total = await asyncio.to_thread(store_bytes, root)
+        evictor = Evictor(parts.s3, root, rules, concurrency=concurrency)
+        summary = await evictor.run(lambda: chunks(root, db), total, max_size)
     _print_summary(summary, as_json, out)
     return 0
 

@@ -1,8 +1,9 @@
 """`media-proxy cache upload`: copy to S3 every cached file it lacks or holds with another size.
 
-It replaces `s3_media_upload upload` without a state file: each run asks S3 (HeadObject) about
-every file, so it is resumable by running it again. Keys, storage class and SSE-C are the
-provider's. It never deletes anything, and never uploads a file it cannot vouch for:
+It replaces `s3_media_upload upload` without a state file: each run streams the store in key
+order and merges it with S3's listing (ListObjectsV2, 1,000 keys a request; no HeadObject per
+file), so it is resumable by running it again, in bounded memory. Keys, storage class and
+SSE-C are the provider's. It never deletes anything, and never uploads a file it cannot vouch for:
 - URL-preview files (the provider never stores them) and files outside Synapse's layout;
 - files without a database row (deleted media, or a write Synapse has not finished: Synapse
   records an upload's length, a download's row and a thumbnail's row only after the file is
@@ -20,13 +21,14 @@ import asyncio
 import hashlib
 import os
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Final
 
 import structlog
 
 from media_proxy import paths
-from media_proxy.inventory import IN_S3, CachedFile
+from media_proxy.inventory import IN_S3, CachedFile, ListingJoin
 from media_proxy.progress import Progress, Summary
 from media_proxy.s3 import S3, S3Error
 
@@ -95,42 +97,49 @@ class Uploader:
     dry_run: bool = False
     verify_sha256_max: int = DEFAULT_VERIFY_SHA256_MAX
 
-    async def run(self, files: list[CachedFile]) -> Summary:
+    async def run(self, batches: AsyncIterator[list[CachedFile]]) -> Summary:
+        """Upload what the listing lacks, chunk by chunk of the streamed walk (inventory.chunks,
+        which comes in key order, as ListingJoin needs)."""
         summary = Summary("would upload" if self.dry_run else "uploaded")
         started = time.monotonic()
-        progress = Progress("cache_upload", len(files), sum(f.size for f in files))
-        queue: asyncio.Queue[CachedFile] = asyncio.Queue()
-        for f in files:
-            queue.put_nowait(f)
+        progress = Progress("cache_upload", 0, 0)
+        listing = ListingJoin(self.s3)
+        sem = asyncio.Semaphore(max(1, self.concurrency))
 
-        async def worker() -> None:
-            while not queue.empty():
-                f = queue.get_nowait()
-                reason = await self.one(f)
-                if reason is None:
-                    summary.done(f.size)
-                else:
-                    summary.skip(reason, f.size)
-                progress.advance(1, f.size)
+        async def one(f: CachedFile, s3_size: int | None) -> None:
+            async with sem:
+                reason = await self.one(f, s3_size)
+            if reason is None:
+                summary.done(f.size)
+            else:
+                summary.skip(reason, f.size)
+            progress.advance(1, f.size)
 
         try:
-            await asyncio.gather(*(worker() for _ in range(max(1, self.concurrency))))
+            async for chunk in batches:
+                progress.total_files += len(chunk)
+                progress.total_bytes += sum(f.size for f in chunk)
+                work = []
+                for f in chunk:
+                    # A listing that fails stops the run (S3Error: one line, exit 1).
+                    s3_size = await listing.size(f.rel) if f.kind in IN_S3 else None
+                    work.append(one(f, s3_size))
+                await asyncio.gather(*work)
         finally:
+            await listing.close()
             progress.close()
+        summary.extra["list_requests"] = listing.pages
         summary.seconds = time.monotonic() - started
         return summary
 
-    async def one(self, f: CachedFile) -> str | None:
+    async def one(self, f: CachedFile, s3_size: int | None) -> str | None:
+        """Upload `f` unless S3 (per its listing) already holds its size, or it is refused
+        (checked second: the sha256 check reads the file, which only an upload needs)."""
+        if s3_size == f.size and f.kind in IN_S3:
+            return "already_in_s3"
         reason = await refuse_reason(self.root, f, verify_sha256_max=self.verify_sha256_max)
         if reason is not None:
             return reason
-        try:
-            s3_size = await self.s3.size(f.rel)
-        except S3Error as e:
-            log.warning("cache_upload.head_failed", rel=f.rel, error=str(e))
-            return "s3_error"
-        if s3_size == f.size:
-            return "already_in_s3"
         if self.dry_run:
             print(f"would upload {f.rel} {f.size} (S3 holds {s3_size})", flush=True)
             return None

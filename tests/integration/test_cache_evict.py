@@ -31,7 +31,7 @@ from devstack.seaweed import SeaweedFS
 from devstack.synapse import Synapse
 from media_proxy import paths
 from media_proxy.inventory import walk
-from tests.integration.media import Media, bearer, request, sql, upload
+from tests.integration.media import Media, bearer, request, sql, stored_bytes, upload
 
 pytestmark = pytest.mark.integration
 
@@ -278,7 +278,7 @@ def test_evict_keeps_what_s3_cannot_give_back(stack: Stack, proxy: MediaProxy) -
 
     # Every evicted local file is served identically through the proxy and lands back.
     assert stack.download(proxy, evictable) == evictable.data
-    assert (root / evictable.rel).read_bytes() == evictable.data
+    assert stored_bytes(stack.synapse, evictable) == evictable.data  # renamed in just after
     assert stack.download(proxy, lacking) == lacking.data
 
 
@@ -318,7 +318,7 @@ def test_upload_then_evict_then_serve(stack: Stack, proxy: MediaProxy) -> None:
     assert (stack.root / stray).exists()
     for media in (small, big):
         assert stack.download(proxy, media) == media.data
-        assert (stack.root / media.rel).read_bytes() == media.data
+        assert stored_bytes(stack.synapse, media) == media.data
 
 
 def test_evict_upload_missing(stack: Stack) -> None:

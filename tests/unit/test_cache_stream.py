@@ -1,0 +1,104 @@
+"""The streamed parts of the cache's upkeep: the walk in S3's key order (and resumed), and the
+bounded selection of the oldest files."""
+
+from __future__ import annotations
+
+import asyncio
+import tracemalloc
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from media_proxy.evict import select_oldest
+from media_proxy.inventory import CachedFile, Kind, iter_walk, segment
+
+
+def _touch(root: Path, rel: str) -> None:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"x")
+
+
+RELS = [
+    "local_content/ab/cd/efgh",
+    "local_content/ab/cd/efgi",
+    "local_content/ab/ce/aaaa",
+    "local_content/Zb/cd/efgh",  # upper case sorts first
+    "local_thumbnails/ab/cd/efgh/32-32-image-png-crop",
+    "local_thumbnails/ab/cd/efgh/320-240-image-jpeg-scale",
+    # An origin that is another's prefix with a character below "/": a walk sorting names
+    # alone would list "a" before "a.b", S3 lists "a.b/..." first.
+    "remote_content/a/ab/cd/efgh",
+    "remote_content/a.b/ab/cd/efgh",
+    "remote_content/a-b:8448/ab/cd/efgh",
+    "remote_thumbnail/a/ab/cd/efgh/32-32-image-png",
+    "url_cache/2026-11-20/AbCd",
+    "url_cache_thumbnails/2026-11-20/AbCd/32-32-image-png-crop",
+]
+
+
+def test_walk_comes_in_s3_key_order(tmp_path: Path) -> None:
+    for rel in RELS:
+        _touch(tmp_path, rel)
+    _touch(tmp_path, ".media-proxy/fill/x")
+    assert [f.rel for f in iter_walk(str(tmp_path))] == sorted(RELS)
+
+
+def test_walk_resumes_after_any_path(tmp_path: Path) -> None:
+    for rel in RELS:
+        _touch(tmp_path, rel)
+    ordered = sorted(RELS)
+    for i, rel in enumerate(ordered):
+        assert [f.rel for f in iter_walk(str(tmp_path), after=rel)] == ordered[i + 1 :]
+    # A folder's path, or one that is not there, resumes at the next file after it.
+    assert [f.rel for f in iter_walk(str(tmp_path), after="remote_content/a")] == [
+        r for r in ordered if r > "remote_content/a"
+    ]
+    assert [f.rel for f in iter_walk(str(tmp_path), after="m")] == [r for r in ordered if r > "m"]
+
+
+def test_segments() -> None:
+    assert segment("local_content/ab/cd/efgh") == "local_content/"
+    assert segment("remote_content/a.b/ab/cd/efgh") == "remote_content/a.b/"
+    assert segment("remote_thumbnail/a/ab/cd/efgh/32-32-image-png") == "remote_thumbnail/a/"
+
+
+def _file(i: int, size: int = 100) -> CachedFile:
+    rel = f"local_content/aa/bb/{i:020d}"
+    # Recency from the "database", scrambled against the walk's order.
+    return CachedFile(rel, Kind.LOCAL_ORIGINAL, size, 0, 0, i, True, (i * 7919) % 1_000_003)
+
+
+async def _stream(n: int, chunk: int = 2000) -> AsyncIterator[list[CachedFile]]:
+    for start in range(0, n, chunk):
+        yield [_file(i) for i in range(start, min(n, start + chunk))]
+
+
+def test_select_keeps_just_the_oldest_that_cover_the_need() -> None:
+    sel = asyncio.run(select_oldest(_stream(20_000), 10 * 100, max_files=1000))
+    every = sorted((_file(i) for i in range(20_000)), key=lambda f: (f.last_access, f.rel))
+    assert [f.rel for f in sel.files] == [f.rel for f in every[:10]]
+    assert sel.more and sel.total_bytes == 20_000 * 100
+    # The next round starts after the last file considered.
+    last = sel.files[-1]
+    nxt = asyncio.run(
+        select_oldest(_stream(20_000), 5 * 100, max_files=1000, after=(last.last_access, last.rel))
+    )
+    assert [f.rel for f in nxt.files] == [f.rel for f in every[10:15]]
+    # A cap on files wins over the bytes needed.
+    capped = asyncio.run(select_oldest(_stream(20_000), 10**9, max_files=7))
+    assert [f.rel for f in capped.files] == [f.rel for f in every[:7]]
+
+
+def test_select_memory_follows_the_work_not_the_store() -> None:
+    def peak(n: int) -> int:
+        tracemalloc.start()
+        try:
+            sel = asyncio.run(select_oldest(_stream(n), 50 * 100, max_files=1000))
+            assert len(sel.files) == 50
+            return tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    small, large = peak(10_000), peak(200_000)
+    # 20 times the store, about the same memory (one chunk and the 50 kept files).
+    assert large < 1.5 * small, (small, large)
