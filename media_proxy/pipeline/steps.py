@@ -81,7 +81,10 @@ async def authorize(
     """Client API: Synapse's token rules, then whoami. A refusal is the answer; None: go on."""
     if media.api is not Api.CLIENT:
         return None
-    creds = credentials(request.headers.getall("Authorization", []), media.query)
+    authorization = request.headers.getall("Authorization", [])
+    if not all(value.isascii() for value in authorization):
+        raise PassThrough  # Synapse fails on these with its own 500: its answer to give
+    creds = credentials(authorization, media.query)
     if isinstance(creds, Credentials):
         try:
             denied = await env.authorizer.check(creds, client_ip(request))
