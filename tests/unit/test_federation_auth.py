@@ -5,6 +5,7 @@ the verified facts of the reference (error table, key rules) where they cannot."
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -14,7 +15,9 @@ from unpaddedbase64 import encode_base64
 from media_proxy import federation_auth as fa
 from media_proxy.federation_auth import KeyRow, Refusal, XMatrix
 from media_proxy.parse import Api, Kind, parse
+from media_proxy.pipeline import federation
 from media_proxy.pipeline.federation import framing, success_headers
+from media_proxy.pipeline.steps import PassThrough
 from tests.unit.synapse_oracle import run_synapse
 
 HEADERS = [
@@ -292,3 +295,15 @@ def test_multipart_framing_matches_synapse() -> None:
         assert head + data.encode() + tail == body.encode()
         assert len(head) + len(data) + len(tail) == length
         assert ("Content-Length", str(length)) in success_headers(boundary, length)
+
+
+def test_in_flight_limit_per_origin_passes_the_rest_to_synapse() -> None:
+    env: Any = SimpleNamespace(config=SimpleNamespace(federation_concurrent=2))
+    with federation._slot(env, "a.org"), federation._slot(env, "a.org"):
+        with pytest.raises(PassThrough), federation._slot(env, "a.org"):
+            pass
+        with federation._slot(env, "b.org"):  # other origins have their own slots
+            pass
+    with federation._slot(env, "a.org"):  # released again
+        pass
+    assert not federation._in_flight
