@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import fcntl
 import http.client
 import json
 import os
@@ -527,3 +528,37 @@ def test_database_hanging_or_down_sends_requests_to_synapse_and_access_times_res
             return bool(rows and rows[0][0] and rows[0][0] > 1)
 
         assert wait_for(accessed)
+
+
+def test_a_dead_leaders_fill_file_is_never_followed(
+    synapse: Synapse, user_token: str, start_proxy: StartProxy
+) -> None:
+    """A crashed leader's partial fill file, locked for a moment by a process breaking it:
+    a request must not start a 200 from those bytes (it would end in an abort); it waits for
+    a live leader's growth, and when the breaker is done it leads the fill itself."""
+    server = start_proxy()
+    media = new_media(synapse, user_token, 1024 * 1024, "stale-leader.bin")
+    evict(synapse, media)
+    name = synapse.media_store_path / paths.FILL_DIR / paths.fill_name(media.rel)
+    name.write_bytes(media.data[:300_000])  # what the dead leader had written
+    with name.open("rb") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # the breaker (another process) holds it
+        assert server.process is not None
+        worker = server.process.pid
+
+        def following() -> bool:  # the worker opened the fill file: it is watching it
+            for fd in Path(f"/proc/{worker}/fd").iterdir():
+                with contextlib.suppress(OSError):  # closed meanwhile
+                    if os.readlink(fd) == str(name):
+                        return True
+            return False
+
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(get, server, media, user_token, rid="stale-leader")
+            assert wait_for(following)
+            name.unlink()  # the breaker's work: unlink under the lock, then let go
+            fcntl.flock(held, fcntl.LOCK_UN)
+            answer = pending.result()
+    assert answer.status == 200 and answer.complete and answer.body == media.data
+    assert request_event(server, "stale-leader")["source"] == "s3"
+    assert stored_bytes(synapse, media) == media.data
