@@ -8,7 +8,7 @@ import asyncio
 import sys
 from collections.abc import Collection, Sequence
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 from media_proxy import __version__, logs
 from media_proxy.config import Config, ConfigError, load, parse_duration, parse_size
@@ -49,8 +49,16 @@ def _common(parser: argparse.ArgumentParser, uses: Collection[str] | None = None
         parser.add_argument(flag, **{**options, **({} if shown else {"help": argparse.SUPPRESS})})
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: `media-proxy serve: --workers: invalid int value: 'x'`
+    (plain argparse prints the whole usage first). `--help` still shows the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="media-proxy", description="Serve Synapse's media from a managed cache backed by S3."
     )
     parser.add_argument("--version", action="version", version=f"media-proxy {__version__}")

@@ -1016,3 +1016,19 @@ def test_help_lists_only_the_flags_a_command_uses(
         cli.build_parser().parse_args([*command, "--help"])
     text = capsys.readouterr().out
     assert set(re.findall(r"--[a-z-]+", text)) & CONFIG_FLAGS == shown
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["serve", "--workers", "many"], ["bogus"], ["cache"], ["serve", "--no-such-flag"]],
+    ids=lambda v: " ".join(v),
+)
+def test_a_bad_command_line_is_one_line(
+    capsys: pytest.CaptureFixture[str], argv: list[str]
+) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.build_parser().parse_args(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("media-proxy"), err
+    assert "usage:" not in err
