@@ -46,7 +46,7 @@ class MediaPipeline:
     ) -> web.StreamResponse | None:
         """Synapse's answer to a download or thumbnail request, or None to pass it on."""
         if media.api is Api.FEDERATION:
-            pipeline: Pipeline = federation.download  # thumbnails: passed through there
+            pipeline: Pipeline = federation.serve
         else:
             # Synapse's `is_mine_server_name`: exact, case-sensitive equality.
             pipeline = _PIPELINES[(media.server_name == self.config.server_name, media.kind)]

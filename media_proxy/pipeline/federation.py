@@ -8,8 +8,9 @@ Synapse already stored, the origin's rate limit, the local row (never `remote_me
 proxy answers itself only the refusals it knows byte for byte (a malformed header, a
 destination mismatch, the whitelist) and the successes it can verify; a key it does not
 hold or that is about to expire, a signature that fails, an origin that has many requests
-in flight, and every row Synapse would refuse, go to Synapse. Thumbnails (which Synapse
-itself never requests) go to Synapse too.
+in flight, and every row Synapse would refuse, go to Synapse. Thumbnails
+(`/_matrix/federation/v1/media/thumbnail/{media_id}`, which Synapse itself never requests)
+follow the same story with the thumbnail Synapse would choose.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from media_proxy.locate import Hit, Miss
 from media_proxy.metadata import DatabaseError, LocalMedia
 from media_proxy.parse import Kind, MediaRequest
 from media_proxy.passthrough import client_ip
-from media_proxy.pipeline.steps import Env, Outcome, PassThrough, safe_values
+from media_proxy.pipeline.steps import Env, Outcome, PassThrough, choose_thumbnail, safe_values
 
 _CRLF: Final = b"\r\n"
 _JSON_PART: Final = b"{}"  # json.dumps({}): Synapse's (empty) JSON part
@@ -144,48 +145,82 @@ async def _row(env: Env, media: MediaRequest) -> LocalMedia:
     return row
 
 
-async def download(
+async def serve(
     env: Env, request: web.Request, media: MediaRequest, outcome: Outcome
 ) -> web.StreamResponse:
-    if media.kind is not Kind.DOWNLOAD:
-        raise PassThrough
+    """Authentication, the origin's slot, the row and the 304, then the file or thumbnail."""
     checked = await _authenticate(env, request)
     if isinstance(checked, fa.Refusal):
         return await _refuse(request, outcome, checked)
     with _slot(env, checked.origin):
         row = await _row(env, media)
-        assert row.media_length is not None
-        env.metadata.mark_accessed(row.media_id)
+        if media.kind is Kind.DOWNLOAD:
+            env.metadata.mark_accessed(row.media_id)  # thumbnails: once sent
         if h.is_not_modified(request.headers.getall("If-None-Match", [])):
             outcome.source = "proxy"
-            return await respond.not_modified(request, list(_SUCCESS_CACHE))
-        try:
-            rel = paths.local_media(row.media_id)
-        except paths.PathError:
-            raise PassThrough from None
-        media_type = row.media_type or "application/octet-stream"
-        disposition = h.content_disposition(media_type, row.upload_name)
-        return await _send(env, request, rel, row, media_type, disposition, outcome)
+            response = await respond.not_modified(request, list(_SUCCESS_CACHE))
+        elif media.kind is Kind.DOWNLOAD:
+            response = await _download(env, request, row, outcome)
+        else:
+            response = await _thumbnail(env, request, media, row, outcome)
+        if media.kind is Kind.THUMBNAIL:
+            env.metadata.mark_accessed(row.media_id)
+        return response
+
+
+async def _download(
+    env: Env, request: web.Request, row: LocalMedia, outcome: Outcome
+) -> web.StreamResponse:
+    assert row.media_length is not None
+    try:
+        rel = paths.local_media(row.media_id)
+    except paths.PathError:
+        raise PassThrough from None
+    media_type = row.media_type or "application/octet-stream"
+    disposition = h.content_disposition(media_type, row.upload_name)
+    return await _send(
+        env, request, rel, row.media_length, row.sha256, media_type, disposition, outcome
+    )
+
+
+async def _thumbnail(
+    env: Env, request: web.Request, media: MediaRequest, row: LocalMedia, outcome: Outcome
+) -> web.StreamResponse:
+    """The stored thumbnail Synapse would choose (`respond_local_thumbnail` with
+    `for_federation`): its type verbatim, a bare inline/attachment disposition."""
+    try:
+        chosen = choose_thumbnail(await env.metadata.local_thumbnails(row.media_id), media, env)
+        rel = paths.local_thumbnail(
+            row.media_id, chosen.width, chosen.height, chosen.content_type, chosen.method
+        )
+    except (paths.PathError, DatabaseError):
+        raise PassThrough from None
+    if not chosen.length or not chosen.content_type.isascii():
+        raise PassThrough
+    disposition = h.content_disposition(chosen.content_type, None)
+    return await _send(
+        env, request, rel, chosen.length, None, chosen.content_type, disposition, outcome
+    )
 
 
 async def _send(
     env: Env,
     request: web.Request,
     rel: str,
-    row: LocalMedia,
+    length: int,
+    sha256: str | None,
     media_type: str,
     disposition: str,
     outcome: Outcome,
 ) -> web.StreamResponse:
     """The store file, else a fill from S3, framed; anything else (no file, S3 down, the
     cache full): Synapse, which reads the same store and S3."""
-    assert row.media_length is not None
     boundary = uuid.uuid4().hex
     head, tail = framing(boundary, media_type, disposition)
-    total = len(head) + row.media_length + len(tail)
+    total = len(head) + length + len(tail)
     try:
         found = await env.locator.locate(
-            rel, row.media_length, row.sha256, open_hit=True, client=client_ip(request)
+            rel, length, sha256, open_hit=True, client=client_ip(request)
         )
     except respond.Refused:
         raise PassThrough from None
@@ -200,7 +235,7 @@ async def _send(
         else:
             raise PassThrough  # uncached S3 stream: not worth a third sending path
         response = await respond.multipart(
-            request, success_headers(boundary, total), (head, tail), source, row.media_length
+            request, success_headers(boundary, total), (head, tail), source, length
         )
         outcome.bytes = 0 if request.method == "HEAD" else total
         return response

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from devstack.proxy import MediaProxy
 from devstack.samples import png
 from devstack.seaweed import SeaweedFS
 from devstack.synapse import Synapse
+from media_proxy import paths
 from tests.conftest import PASSWORD
 from tests.faults import FaultProxy
 from tests.integration.conftest import TEST_PROXY_CONFIG
@@ -421,3 +423,48 @@ def test_origin_fetches_through_the_proxy(
             == [["synapse"], ["s3"], ["cache"]]
         )
     )
+
+
+def evict_thumbnails(home: Synapse, media: Media) -> None:
+    settle_fills(home)
+    shutil.rmtree(home.media_store_path / paths.local_thumbnail_dir(media.media_id), True)
+
+
+@pytest.mark.parametrize("evicted", [False, True], ids=["in-store", "evicted"])
+def test_federation_thumbnails_match_synapse(
+    home: Synapse,
+    origin: Synapse,
+    home_proxy: MediaProxy,
+    origin_key: SigningKey,
+    key_known: None,
+    local: dict[str, Media],
+    evicted: bool,
+) -> None:
+    media = local["png"]
+    base = "/_matrix/federation/v1/media/thumbnail/" + media.media_id
+    forms = [
+        ("GET", "?width=32&height=32&method=crop"),
+        ("GET", "?width=96&height=96&method=crop&timeout_ms=20000"),
+        ("GET", "?width=300&height=200"),
+        ("HEAD", "?width=320&height=240&method=scale"),
+        ("GET", "?width=32&height=32&animated=true"),
+        ("GET", "?width=0&height=0"),
+        ("GET", "?width=32"),  # 400 M_MISSING_PARAM, after authentication: Synapse's
+    ]
+    for method, query in forms:
+        uri = base + query
+        ours, _ = differential(
+            home, home_proxy, method, uri, signed(home, origin, origin_key, method, uri),
+            before_proxy=(lambda: evict_thumbnails(home, media)) if evicted else None,
+        )  # fmt: skip
+        if query != "?width=32":
+            assert ours.status == 200, ours
+    expected = "s3" if evicted else "cache"
+    got = [
+        e["source"]
+        for e in home_proxy.log_events()
+        if e.get("event") == "request"
+        and e.get("route") == "federation-thumbnail"
+        and e.get("media_id") == media.media_id
+    ][-(len(forms) - 1) :]
+    assert got == [expected] * (len(forms) - 1)  # the last form never reaches a pipeline
