@@ -1,0 +1,305 @@
+"""The cache commands' cost follows the work, on a store of a few thousand files (real SeaweedFS
+behind the fault proxy, which counts S3 requests; Synapse's own schema on SQLite and
+PostgreSQL, rows inserted directly): `cache status` and `cache upload --dry-run` join the store
+with ListObjectsV2 pages and make no HeadObject; an eviction takes files in the database's
+recency order and makes one HeadObject per file it considers, none for the rest."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import datetime
+import hashlib
+import json
+import math
+import os
+import random
+import sqlite3
+import string
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import yaml
+
+from devstack.postgres import Postgres
+from devstack.seaweed import SeaweedFS
+from devstack.synapse import PostgresDatabase, SqliteDatabase, Synapse
+from media_proxy import paths
+from tests.faults import FaultProxy
+
+pytestmark = pytest.mark.integration
+
+N = 4000  # local media, 500 bytes each: two chunks of the walk, four listing pages
+SIZE = 500
+DAY_MS = 86_400_000
+OLD = time.time() - 3 * 86400
+REMOTE = "remote.test"
+REMOTE_OLDEST = 3  # remote media older than every local one, each with a thumbnail
+NOT_IN_S3 = 30  # among the newest half
+OTHER_SIZE = 20
+
+
+def rid(rng: random.Random, n: int = 24) -> str:
+    return "".join(rng.choices(string.ascii_letters, k=n))
+
+
+@dataclass
+class Store:
+    seaweed: SeaweedFS
+    synapse: Synapse
+    proxy: FaultProxy
+    config: Path
+    local: list[tuple[str, int]]  # (media_id, last_access_ts), oldest first
+    remote: list[tuple[str, str]]  # (store path of the original, of its thumbnail), oldest first
+    missing: set[str]
+    other_size: set[str]
+    with_sha256: set[str]
+
+    @property
+    def root(self) -> Path:
+        return self.synapse.media_store_path
+
+    def cli(self, *args: str) -> tuple[dict[str, Any], str]:
+        argv = [sys.executable, "-m", "media_proxy", "cache", *args]
+        argv += ["--synapse-config", str(self.synapse.config_path), "--config", str(self.config)]
+        argv += ["--log-format", "json", "--json"]
+        self.proxy.reset()
+        result = subprocess.run(argv, capture_output=True, text=True, timeout=300, check=False)
+        assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+        lines = result.stdout.splitlines()
+        summary: dict[str, Any] = json.loads(lines[-1])
+        return summary, "\n".join(lines[:-1])
+
+    def heads(self) -> list[str]:
+        prefix = f"/{self.seaweed_bucket}/"
+        return [r.path.removeprefix(prefix) for r in self.proxy.requests if r.method == "HEAD"]
+
+    def lists(self) -> int:
+        return sum(1 for r in self.proxy.requests if "list-type=2" in r.path)
+
+    def gets(self) -> list[str]:
+        prefix = f"/{self.seaweed_bucket}/"
+        return [
+            r.path.removeprefix(prefix)
+            for r in self.proxy.requests
+            if r.method == "GET" and "list-type=2" not in r.path
+        ]
+
+    seaweed_bucket: str = "media"
+
+
+def insert(synapse: Synapse, statement: str, rows: list[tuple[Any, ...]]) -> None:
+    db = synapse.database
+    if isinstance(db, SqliteDatabase):
+        with sqlite3.connect(db.path, timeout=10) as conn:
+            conn.executemany(statement, rows)
+        return
+    assert isinstance(db, PostgresDatabase)
+    numbered = statement
+    for i in range(1, statement.count("?") + 1):
+        numbered = numbered.replace("?", f"${i}", 1)
+
+    async def run() -> None:
+        conn = await asyncpg.connect(db.dsn)
+        try:
+            await conn.executemany(numbered, rows)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
+def write(root: Path, rel: str, data: bytes) -> None:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    os.utime(path, (OLD, OLD))
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgres"])
+def store(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Store]:
+    work = tmp_path_factory.mktemp(f"scale-{request.param}")
+    seaweed = SeaweedFS(work / "seaweedfs").start()
+    pg = None
+    database = None
+    if request.param == "postgres":
+        pg = Postgres(work / "postgres").start()
+        database = pg.create_database("synapse")
+    synapse = None
+    proxy = None
+    try:
+        s3 = seaweed.create_bucket("media")
+        synapse = Synapse(work / "synapse", s3=s3, database=database).start()
+        synapse.stop()  # its schema is all this needs
+        rng = random.Random(request.param)
+        now = int(time.time() * 1000)
+        root = synapse.media_store_path
+        objects: dict[str, bytes] = {}
+
+        # Remote media, the oldest of all: original and one thumbnail each.
+        remote = []
+        remote_rows, thumb_rows = [], []
+        for i in range(REMOTE_OLDEST):
+            fid, mid = rid(rng), rid(rng, 10)
+            orig = paths.remote_media(REMOTE, fid)
+            thumb = paths.remote_thumbnail(REMOTE, fid, 32, 32, "image/png", "crop")
+            objects[orig], objects[thumb] = os.urandom(SIZE), os.urandom(100)
+            ts = now - 90 * DAY_MS + i
+            remote_rows.append((REMOTE, mid, "image/png", ts, SIZE, fid, ts))
+            thumb_rows.append((REMOTE, mid, 32, 32, "crop", "image/png", 100, fid))
+            remote.append((orig, thumb))
+        insert(
+            synapse,
+            "INSERT INTO remote_media_cache (media_origin, media_id, media_type, created_ts,"
+            " media_length, filesystem_id, last_access_ts) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            remote_rows,
+        )
+        insert(
+            synapse,
+            "INSERT INTO remote_media_cache_thumbnails (media_origin, media_id, thumbnail_width,"
+            " thumbnail_height, thumbnail_method, thumbnail_type, thumbnail_length, filesystem_id)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            thumb_rows,
+        )
+
+        # Local media: last access spread over 60 days, in an order unrelated to the ids'.
+        local = sorted(
+            ((rid(rng), now - rng.randint(DAY_MS, 60 * DAY_MS)) for _ in range(N)),
+            key=lambda m: m[1],
+        )
+        with_sha256 = {mid for mid, _ in local[:40:4]}  # some of the oldest: read back
+        rows = []
+        for mid, ts in local:
+            data = os.urandom(SIZE)
+            objects[paths.local_media(mid)] = data
+            sha = hashlib.sha256(data).hexdigest() if mid in with_sha256 else None
+            rows.append((mid, "application/octet-stream", SIZE, ts - 1, "@u:t", ts, sha))
+        insert(
+            synapse,
+            "INSERT INTO local_media_repository (media_id, media_type, media_length, created_ts,"
+            " user_id, last_access_ts, sha256) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        newest = [mid for mid, _ in local[N // 2 :]]
+        picked = rng.sample(newest, NOT_IN_S3 + OTHER_SIZE)
+        missing = {paths.local_media(m) for m in picked[:NOT_IN_S3]}
+        other_size = {paths.local_media(m) for m in picked[NOT_IN_S3:]}
+        for rel, data in objects.items():
+            write(root, rel, data)
+        client = seaweed.client()
+
+        def put(rel: str) -> None:
+            body = objects[rel] + (b"+" if rel in other_size else b"")
+            client.put_object(Bucket="media", Key=rel, Body=body)
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            list(pool.map(put, [rel for rel in objects if rel not in missing]))
+
+        proxy = FaultProxy(seaweed.host, seaweed.s3_port).start()
+        config = work / "media-proxy.yaml"
+        config.write_text(yaml.safe_dump({"s3": {"endpoint_url": proxy.url}}))
+        yield Store(
+            seaweed, synapse, proxy, config, local, remote, missing, other_size, with_sha256
+        )
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        if pg is not None:
+            pg.stop()
+        seaweed.stop()
+
+
+def test_status_lists_and_never_heads(store: Store) -> None:
+    s, _ = store.cli("status")
+    assert store.heads() == []
+    assert s["files"] == N + 2 * REMOTE_OLDEST
+    assert s["kinds"]["local_originals"]["files"] == N
+    assert s["kinds"]["remote_originals"]["files"] == REMOTE_OLDEST
+    assert s["kinds"]["remote_thumbnails"]["files"] == REMOTE_OLDEST
+    c = s["s3"]
+    assert (c["method"], c["source"]) == ("full", "ListObjectsV2")
+    assert c["missing"] == NOT_IN_S3 and c["other_size"] == OTHER_SIZE
+    assert c["held"] == N + 2 * REMOTE_OLDEST - NOT_IN_S3 - OTHER_SIZE
+    # One request per 1,000 keys of the local folder, one per remote origin folder and kind.
+    assert store.lists() == math.ceil((N - NOT_IN_S3) / 1000) + 2 == c["list_requests"]
+    # Recency from the database: the remote media are the oldest, by 30 days.
+    local_oldest = datetime.datetime.fromtimestamp(store.local[0][1] / 1000 - 86400, datetime.UTC)
+    assert s["oldest_access"] < f"{local_oldest:%Y-%m-%dT%H:%M:%SZ}"
+
+
+def test_upload_dry_run_lists_and_never_heads(store: Store) -> None:
+    summary, out = store.cli("upload", "--dry-run")
+    assert store.heads() == [] and store.gets() == []
+    planned = {line.split()[2] for line in out.splitlines() if line.startswith("would upload ")}
+    assert planned == store.missing | store.other_size
+    assert summary["skipped"]["already_in_s3"]["files"] == s3_held(store)
+
+
+def s3_held(store: Store) -> int:
+    return N + 2 * REMOTE_OLDEST - NOT_IN_S3 - OTHER_SIZE
+
+
+def test_evict_takes_the_oldest_and_heads_only_what_it_deletes(store: Store) -> None:
+    s, _ = store.cli("status", "--no-s3")
+    k = 500  # local files to free after the remote ones
+    free = REMOTE_OLDEST * (SIZE + 100) + k * SIZE
+    summary, _ = store.cli("evict", "--max-size", str(s["bytes"] - free))
+
+    oldest = [rel for pair in store.remote for rel in pair]
+    oldest += [paths.local_media(mid) for mid, _ in store.local[:k]]
+    gone = {rel for rel in oldest if not (store.root / rel).exists()}
+    assert gone == set(oldest), "not the least recently accessed"
+    assert all((store.root / paths.local_media(m)).exists() for m, _ in store.local[k:])
+    assert summary["files"] == len(oldest) and summary["over_budget_bytes"] == 0
+    # HeadObject for each file deleted and no other; the sha256 read-back for those with one.
+    heads = store.heads()
+    assert sorted(heads) == sorted(oldest)
+    assert sorted(store.gets()) == sorted(paths.local_media(m) for m in store.with_sha256)
+    assert store.lists() == 0
+    restore_local(store, [mid for mid, _ in store.local[:k]])
+    for orig, thumb in store.remote:
+        for rel in (orig, thumb):
+            obj = store.seaweed.client().get_object(Bucket="media", Key=rel)
+            write(store.root, rel, obj["Body"].read())
+
+
+def restore_local(store: Store, mids: list[str]) -> None:
+    client = store.seaweed.client()
+    for mid in mids:
+        rel = paths.local_media(mid)
+        write(store.root, rel, client.get_object(Bucket="media", Key=rel)["Body"].read())
+
+
+def test_evict_past_files_s3_lacks_takes_another_round(store: Store) -> None:
+    """Files S3 lacks or holds with another size are kept (HEADed, skipped) and the pass goes
+    on to the next oldest: HEADs are what it deletes plus what it skipped."""
+    everything = [rel for pair in store.remote for rel in pair]
+    everything += [paths.local_media(mid) for mid, _ in store.local]
+    skipped = store.missing | store.other_size
+    keep = 10  # evictable files to keep, besides those S3 cannot give back
+    budget = (len(skipped) + keep) * SIZE
+    summary, _ = store.cli("evict", "--max-size", str(budget), "--concurrency", "4")
+    evictable = [rel for rel in everything if rel not in skipped]
+    newest = evictable[-keep:]
+    # Considered: everything up to the last file evicted (oldest first); never what is after.
+    considered = everything[: everything.index(evictable[-keep - 1]) + 1]
+    assert summary["skipped"]["not_in_s3"]["files"] == len(store.missing & set(considered))
+    assert summary["skipped"]["size_differs_in_s3"]["files"] == len(
+        store.other_size & set(considered)
+    )
+    assert summary["files"] == len(set(considered) - skipped)
+    assert summary["rounds"] >= 2 and summary["over_budget_bytes"] == 0
+    left = {rel for rel in everything if (store.root / rel).exists()}
+    assert left == skipped | set(newest)
+    # One HeadObject per file considered (evicted or skipped), none for the newest.
+    heads = store.heads()
+    assert len(heads) == len(set(heads)) and set(heads) == set(considered)
