@@ -35,6 +35,8 @@ def _retrieve(task: asyncio.Future[Any]) -> None:
     """Mark a given-up query's outcome as seen (no "exception never retrieved" noise)."""
     if not task.cancelled():
         task.exception()
+
+
 log = structlog.get_logger(__name__)
 
 _LOCAL_COLUMNS: Final = (
