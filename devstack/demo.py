@@ -105,6 +105,21 @@ def fetch(base_url: str, path: str, token: str, expected: bytes) -> tuple[int, b
     return resp.status, ok, ms
 
 
+def wait_refilled(stored: Path, data: bytes, timeout: float = 10.0) -> bool:
+    """Whether `stored` holds `data` within `timeout` (a fill fsyncs and renames its file
+    into place just after it has sent the verified body)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if stored.stat().st_size == len(data) and stored.read_bytes() == data:
+                return True
+        except FileNotFoundError:
+            pass
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+
+
 @dataclass
 class Row:
     sample: Sample
@@ -142,10 +157,12 @@ def walk_through(stack: DemoStack, token: str) -> list[Row]:
         path = f"/_matrix/client/v1/media/download/{stack.synapse.server_name}/{media_id}"
         fetches = []
         log = ProxyLog(stack.proxy.log_path)
+        refilled = False
         for _ in range(2):
             status, ok, ms = fetch(stack.nginx.url, path, token, sample.data)
             fetches.append(Fetch(status, ok, ms, log.next_source(media_id)))
-        refilled = stored.exists() and stored.read_bytes() == sample.data
+            # the fill renames its file into place just after the verified last byte
+            refilled = wait_refilled(stored, sample.data)
         row = Row(sample, media_id, fetches, refilled)
         rows.append(row)
         cells = [

@@ -35,7 +35,15 @@ from media_proxy import metrics
 from media_proxy.config import ConfigError, load
 from tests.faults import FaultProxy
 from tests.integration.conftest import TEST_PROXY_CONFIG
-from tests.integration.media import Answer, Media, bearer, evict, request, upload
+from tests.integration.media import (
+    Answer,
+    Media,
+    bearer,
+    evict,
+    request,
+    stored_bytes,
+    upload,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -178,6 +186,8 @@ def test_counters_sum_exactly_across_workers(
         rids.append(f"{tag}-miss-{i}")
         answer = get(server, miss, user_token, rids[-1])
         assert answer.status == 200 and answer.body == miss.data
+        # the fill renames its file into place just after the verified last byte
+        assert stored_bytes(synapse, miss) == miss.data
     rids.append(f"{tag}-denied")
     denied = get(server, hit, "not-a-token", rids[-1])
     assert denied.status == 401

@@ -20,7 +20,15 @@ from devstack.postgres import PostgresDatabase
 from devstack.proxy import MediaProxy
 from devstack.seaweed import WEED_TMP
 from tests.integration.conftest import TEST_PROXY_CONFIG, tmpfs
-from tests.integration.media import bearer, evict, request, store_file, stored_bytes, upload
+from tests.integration.media import (
+    bearer,
+    complete_file,
+    evict,
+    request,
+    store_file,
+    stored_bytes,
+    upload,
+)
 
 
 def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -132,13 +140,20 @@ def test_one_log_event_per_request_and_no_secrets(
     )
     evict(synapse, media)
     request(proxy.url, media.client_path(f"?access_token={user_token}"))
+    # the fill renames its file into place just after the verified last byte
+    assert stored_bytes(synapse, media) == media.data
     request(proxy.url, media.client_path(), headers=bearer(user_token))
-    time.sleep(0.2)
-    text = proxy.log_path.read_text()
+    deadline = time.monotonic() + 10
+    while True:  # each request is logged just after its answer
+        text = proxy.log_path.read_text()
+        lines = text[: text.rfind("\n") + 1].splitlines()
+        events = [json.loads(line) for line in lines if media.media_id in line]
+        requests = [e for e in events if e.get("event") == "request"]
+        if len(requests) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
     assert user_token not in text
     assert synapse.s3 is not None and synapse.s3.secret_key not in text
-    events = [json.loads(line) for line in text.splitlines() if media.media_id in line]
-    requests = [e for e in events if e.get("event") == "request"]
     assert [e["source"] for e in requests] == ["s3", "cache"]
     for event in requests:
         assert event["status"] == 200 and event["bytes"] == 3000
@@ -276,11 +291,15 @@ def test_full_disk_serves_from_s3_uncached(
         assert (
             request(server.url, small.client_path(), headers=bearer(user_token)).body == small.data
         )
-        assert (tiny_disk / small.rel).read_bytes() == small.data
-        time.sleep(0.2)
-        events = server.log_events()
+        assert complete_file(tiny_disk / small.rel, len(small.data)) == small.data
+        deadline = time.monotonic() + 10
+        while True:  # each request is logged just after its answer
+            events = server.log_events()
+            sources = [e["source"] for e in events if e.get("media_id") == media.media_id]
+            if len(sources) >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
         assert [e["event"] for e in events].count("cache_fill.no_space") == 1  # once a minute
-        sources = [e["source"] for e in events if e.get("media_id") == media.media_id]
         assert sources == ["s3-uncached", "s3-uncached"]
     finally:
         server.stop()
@@ -312,14 +331,19 @@ def test_separate_cache_path_when_synapse_keeps_no_local_store(
         for _ in range(2):
             answer = request(server.url, media.client_path(), headers=bearer(user_token))
             assert answer.status == 200 and answer.body == media.data
-        assert (cache / media.rel).read_bytes() == media.data
+            # the fill renames its file into place just after the verified last byte
+            assert complete_file(cache / media.rel, len(media.data)) == media.data
         assert not store_file(synapse, media).exists()
-        time.sleep(0.2)
-        sources = [
-            e["source"]
-            for e in server.log_events()
-            if e["event"] == "request" and e.get("media_id") == media.media_id
-        ]
+        deadline = time.monotonic() + 10
+        while True:  # each request is logged just after its answer
+            sources = [
+                e["source"]
+                for e in server.log_events()
+                if e["event"] == "request" and e.get("media_id") == media.media_id
+            ]
+            if len(sources) >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
         assert sources == ["s3", "cache"]
     finally:
         server.stop()

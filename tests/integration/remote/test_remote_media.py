@@ -214,10 +214,11 @@ def test_evicted_remote_file_is_served_and_put_back_by_the_proxy(
     evict_remote(home, media)
     s3_faults.reset()
     first = request(home_proxy.url, media.client_path(), headers=bearer(home_token))
+    # the fill renames its file into place just after the verified last byte
+    assert complete_file(home.media_store_path / rel, len(media.data)) == media.data
     second = request(home_proxy.url, media.client_path(), headers=bearer(home_token))
     assert first.status == second.status == 200
     assert first.body == second.body == media.data
-    assert complete_file(home.media_store_path / rel, len(media.data)) == media.data
     assert s3_gets(s3_faults, rel) == 1  # the second was a hit
     events = wait_for(
         lambda: (
