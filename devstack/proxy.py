@@ -120,7 +120,9 @@ class MediaProxy:
         the proxy's output must stay machine-readable, and an expected condition (a client
         hang-up, S3 or Synapse down) is one event, never a traceback.
         """
-        events, problems = _read_log(self.log_path.read_text())
+        text = self.log_path.read_text()
+        # a line still being written is read next time, not taken for a problem
+        events, problems = _read_log(text[: text.rfind("\n") + 1])
         if problems:
             raise LogProblem(self.log_path, problems)
         return events
