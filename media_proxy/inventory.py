@@ -160,11 +160,21 @@ async def chunks(
     root: str, db: Database, *, size: int = CHUNK, after: str = ""
 ) -> AsyncIterator[list[CachedFile]]:
     """The streamed walk, `size` files at a time, each chunk annotated from the database
-    (batched lookups by indexed columns): bounded memory whatever the store holds."""
+    (batched lookups by indexed columns): bounded memory whatever the store holds. The next
+    chunk is walked (in a thread) while this one is annotated and used: two in memory."""
     files = iter_walk(root, after)
-    while chunk := await asyncio.to_thread(lambda: list(itertools.islice(files, size))):
-        await annotate(db, chunk)
-        yield chunk
+
+    def take() -> list[CachedFile]:
+        return list(itertools.islice(files, size))
+
+    ahead = asyncio.ensure_future(asyncio.to_thread(take))
+    try:
+        while chunk := await ahead:
+            ahead = asyncio.ensure_future(asyncio.to_thread(take))
+            await annotate(db, chunk)
+            yield chunk
+    finally:
+        ahead.cancel()  # a thread still walking finishes its chunk on its own
 
 
 def _apply(file: CachedFile, row: StoreRow, *, original: bool) -> None:
@@ -265,16 +275,22 @@ def segment(rel: str) -> str:
 
 class ListingJoin:
     """S3's size of each file, from ListObjectsV2 pages (1,000 keys a request) merged with
-    the walk: the files must be asked for in the walk's (key) order. One page in memory."""
+    the walk: the files must be asked for in the walk's (key) order. The next page is
+    fetched while this one is used: two pages in memory."""
 
     def __init__(self, s3: S3) -> None:
         self.s3 = s3
         self._segment: str | None = None
         self._pages: AsyncIterator[list[tuple[str, int, float]]] | None = None
+        self._next: asyncio.Future[list[tuple[str, int, float]]] | None = None
         self._page: list[tuple[str, int, float]] = []
         self._i = 0
         self._last = ""
         self.pages = 0
+
+    def _fetch(self) -> None:
+        assert self._pages is not None
+        self._next = asyncio.ensure_future(anext(self._pages))
 
     async def size(self, rel: str) -> int | None:
         """The size S3 lists for `rel`, or None when the listing has no such key."""
@@ -283,6 +299,7 @@ class ListingJoin:
             await self.close()
             self._segment, self._page, self._i, self._last = seg, [], 0, ""
             self._pages = aiter(self.s3.list_pages(seg))
+            self._fetch()
         while True:
             while self._i < len(self._page):
                 key, size, _ = self._page[self._i]
@@ -296,15 +313,23 @@ class ListingJoin:
                 self._i += 1
                 if key == rel:
                     return size
-            if self._pages is None:
+            if self._next is None:
                 return None
             try:
-                self._page, self._i = await anext(self._pages), 0
-                self.pages += 1
+                self._page, self._i = await self._next, 0
             except StopAsyncIteration:
-                self._pages, self._page, self._i = None, [], 0
+                self._next, self._page, self._i = None, [], 0
+                continue
+            self.pages += 1
+            self._fetch()
 
     async def close(self) -> None:
+        pending, self._next = self._next, None
+        if pending is not None:
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, S3Error):
+                await pending
         pages, self._pages = self._pages, None
         if pages is not None and hasattr(pages, "aclose"):
-            await pages.aclose()
+            with contextlib.suppress(RuntimeError):
+                await pages.aclose()

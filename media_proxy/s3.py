@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import os
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 import aiobotocore.session
+import botocore.utils
 import structlog
 from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
@@ -76,6 +78,9 @@ class S3:
     async def start(self) -> None:
         c = self.config
         session = aiobotocore.session.get_session()
+        session.get_component("response_parser_factory").set_parser_defaults(
+            timestamp_parser=_timestamp
+        )
         boto_config = AioConfig(
             signature_version="s3v4",
             s3={"addressing_style": c.addressing_style},
@@ -315,6 +320,16 @@ class S3:
             for err in resp.get("Errors", []):
                 errors[str(err.get("Key", ""))[cut:]] = str(err.get("Code", "unknown"))
         return errors
+
+
+def _timestamp(value: str) -> datetime.datetime:
+    """Listing dates (ISO 8601) parsed natively: botocore's dateutil parser is most of the
+    CPU a ListObjectsV2 page costs (1,000 dates). Anything else goes to botocore's."""
+    try:
+        parsed = datetime.datetime.fromisoformat(value)
+    except (TypeError, ValueError):
+        return botocore.utils.parse_timestamp(value)  # type: ignore[no-any-return]
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.UTC)
 
 
 def _error_code(error: ClientError) -> str:
