@@ -149,6 +149,8 @@ class Config:
     s3_prune_min_age: float = 7 * 86400.0
     log_format: Literal["auto", "json", "console"] = "auto"
     log_level: str = "info"
+    # The serving workers' event loop: uvloop (faster small answers) or Python's own.
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
     sources: tuple[str, ...] = field(default=(), compare=False)
 
 
@@ -413,6 +415,7 @@ _OWN_KEYS: Final = frozenset(
         "shutdown_grace",
         "log_format",
         "log_level",
+        "event_loop",
         "s3",
         "database",
         "server_name",
@@ -555,6 +558,9 @@ def load(
     log_format = r.text("log_format", "auto")
     if log_format not in ("auto", "json", "console"):
         raise r.error("log_format", f"expected auto, json or console, got {log_format!r}")
+    event_loop = r.text("event_loop", "uvloop")
+    if event_loop not in ("uvloop", "asyncio"):
+        raise r.error("event_loop", f"expected uvloop or asyncio, got {event_loop!r}")
     accel = r.text("accel_redirect")
     if accel and not (accel.startswith("/") and accel.endswith("/")):
         raise r.error(
@@ -623,6 +629,7 @@ def load(
             own.get("s3_prune_min_age", "7d"), source=own_src, key="s3_prune_min_age"
         ),
         log_format=log_format,  # type: ignore[arg-type]
+        event_loop=event_loop,  # type: ignore[arg-type]
         log_level=r.text("log_level", "info") or "info",
         sources=(own_src, hs_src),
     )

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from typing import Final
 
 import structlog
@@ -168,8 +169,13 @@ class Proxy:
                 aborted = gone.cause
                 response = self._abort(request)
             return response
+        except asyncio.CancelledError:  # the stop's grace period is over
+            aborted = "shutdown"
+            raise
         finally:
             sending = started_response(request)
+            if response is None and sending is not None:
+                response = sending.response  # its status went out
             # counted before the event is logged: a test that saw the event sees the count
             metrics.request(
                 kind=f"{media.api.value}-{media.kind.value}" if media else "other",
@@ -291,7 +297,18 @@ def _run_worker(config: Config, *, reuse_port: bool) -> str:
             await runner.cleanup()
         return received[0]
 
-    return asyncio.run(run())
+    with asyncio.Runner(loop_factory=loop_factory(config)) as runner:
+        return runner.run(run())
+
+
+def loop_factory(config: Config) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop for serving workers unless configured otherwise: its transports and parser
+    glue cost less per request (respond.py brings the sendfile waits uvloop lacks)."""
+    if config.event_loop == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None
 
 
 def serve(config: Config) -> int:
@@ -441,7 +458,7 @@ def _supervise(config: Config) -> int:
 
 
 def main_asyncio_policy() -> None:
-    """The default asyncio loop: uvloop has no loop.sendfile, which the hit path relies on."""
+    """Python's own loop policy: serving workers choose their loop themselves (`event_loop`)."""
     if sys.platform != "linux":
         raise SystemExit("media-proxy: Linux is required (flock, sendfile, SO_REUSEPORT)")
     asyncio.set_event_loop_policy(asyncio.DefaultEventLoopPolicy())
