@@ -21,6 +21,7 @@ receives a complete body that did not match the database.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ctypes
 import errno
@@ -278,9 +279,14 @@ class Filler:
         self.max_fills_per_client = max_fills_per_client
         self._leading: dict[str, str | None] = {}  # rel -> the client address that started it
         # A miss past a cap waits this long for a slot (a burst of thumbnails from one
-        # client is queued, not refused); then Busy.
+        # client is queued, not refused); then Busy. Waiters get freed slots in arrival
+        # order: a slot is handed over (reserved) as it frees, so a newcomer never takes it
+        # from a miss that has waited longer.
         self.fill_wait = fill_wait
-        self._slots = asyncio.Condition()
+        self._queue: collections.deque[tuple[str | None, asyncio.Future[None]]] = (
+            collections.deque()
+        )
+        self._reserved: collections.Counter[str | None] = collections.Counter()
         self._cannot_cache_logged: dict[str, float] = {}
         self._disk_failed_until = 0.0
         umask = os.umask(0)
@@ -318,26 +324,37 @@ class Filler:
             final = paths.in_store(str(self.cache_root), rel)
             if time.monotonic() < self._disk_failed_until and not complete(final, length):
                 raise CannotCache("the cache's disk failed a moment ago")
+            held = False  # a slot handed to this miss, kept until it leads or gives up
             if self._over_caps(client) and not complete(final, length):
                 await self._wait_for_slot(client)
+                held = True
+            try:
                 fill = self._fills.get(rel)  # someone may have started it meanwhile
                 if fill is not None:
                     fill.readers += 1
                     return fill
-            try:
-                role, fd = self._acquire(rel, final, length)
-            except OSError as e:
-                raise self._cannot_cache(rel, length, e) from e
-            if role == "hit":
-                return None
-            if role == "lead":
-                self._check_caps(rel, fd, client)
                 try:
-                    reserve(fd, length)
+                    role, fd = self._acquire(rel, final, length)
                 except OSError as e:
-                    self._abandon(rel, fd)
                     raise self._cannot_cache(rel, length, e) from e
-                self._leading[rel] = client
+                if role == "hit":
+                    return None
+                if role == "lead":
+                    if not held:
+                        self._check_caps(rel, fd, client)
+                    try:
+                        reserve(fd, length)
+                    except OSError as e:
+                        self._abandon(rel, fd)
+                        raise self._cannot_cache(rel, length, e) from e
+                    if held:
+                        held = False
+                        self._reserved[client] -= 1  # the slot is counted in _leading now
+                    self._leading[rel] = client
+            finally:
+                if held:  # not leading after all: the slot goes to the next in line
+                    self._unreserve(client)
+            if role == "lead":
                 metrics.fill_started(self.in_flight)
             else:
                 metrics.fill_joined(same_worker=False)
@@ -350,42 +367,69 @@ class Filler:
         fill.readers += 1
         return fill
 
+    def _taken(self) -> int:
+        """Slots in use: fills led, and slots handed to waiters not yet leading."""
+        return len(self._leading) + sum(self._reserved.values())
+
+    def _taken_by(self, client: str) -> int:
+        return sum(1 for c in self._leading.values() if c == client) + self._reserved[client]
+
     def _over_caps(self, client: str | None) -> bool:
-        if len(self._leading) >= self.max_fills:
+        if self._taken() >= self.max_fills:
             return True
-        return client is not None and (
-            sum(1 for c in self._leading.values() if c == client) >= self.max_fills_per_client
-        )
+        return client is not None and self._taken_by(client) >= self.max_fills_per_client
 
     async def _wait_for_slot(self, client: str | None) -> None:
-        """Wait up to `fill_wait` for the caps to allow one more fill; else Busy."""
-
-        async def freed() -> None:
-            async with self._slots:
-                await self._slots.wait_for(lambda: not self._over_caps(client))
-
+        """Wait in line up to `fill_wait` for a slot, and return holding it (reserved for
+        this miss: `_reserved`); else Busy."""
+        granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        entry = (client, granted)
+        self._queue.append(entry)
         try:
-            await asyncio.wait_for(freed(), self.fill_wait)
-        except TimeoutError:
-            per_client = len(self._leading) < self.max_fills
-            raise Busy("no fill slot came free in time", per_client=per_client) from None
+            await asyncio.wait_for(asyncio.shield(granted), self.fill_wait)
+        except BaseException as e:  # timed out, or the request was cancelled
+            with contextlib.suppress(ValueError):
+                self._queue.remove(entry)
+            if granted.done() and not granted.cancelled():  # handed over as the wait ended
+                if isinstance(e, TimeoutError):
+                    return
+                self._unreserve(client)
+                raise
+            granted.cancel()
+            if isinstance(e, TimeoutError):
+                per_client = self._taken() < self.max_fills
+                raise Busy("no fill slot came free in time", per_client=per_client) from None
+            raise
+
+    def _hand_over(self) -> None:
+        """Give free slots to waiters, first come first served (skipping those whose own
+        client is still at its cap)."""
+        for entry in list(self._queue):
+            client, granted = entry
+            if self._taken() >= self.max_fills:
+                return
+            if granted.done():
+                continue
+            if client is not None and self._taken_by(client) >= self.max_fills_per_client:
+                continue
+            self._queue.remove(entry)
+            self._reserved[client] += 1
+            granted.set_result(None)
+
+    def _unreserve(self, client: str | None) -> None:
+        self._reserved[client] -= 1
+        self._hand_over()
 
     def _free_slot(self, rel: str) -> None:
         self._leading.pop(rel, None)
-        task = asyncio.ensure_future(self._notify_slots())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _notify_slots(self) -> None:
-        async with self._slots:
-            self._slots.notify_all()
+        self._hand_over()
 
     def _check_caps(self, rel: str, fd: int, client: str | None) -> None:
-        if len(self._leading) >= self.max_fills:
+        if self._taken() >= self.max_fills:
             self._abandon(rel, fd)
             raise Busy(f"{len(self._leading)} fills in flight in this worker", per_client=False)
         if client is not None:
-            mine = sum(1 for c in self._leading.values() if c == client)
+            mine = self._taken_by(client)
             if mine >= self.max_fills_per_client:
                 self._abandon(rel, fd)
                 raise Busy(f"{mine} fills in flight for {client}", per_client=True)
