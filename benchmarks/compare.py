@@ -9,7 +9,8 @@ server for a few seconds per row:
 - nginx static: the limit for hits (sendfile from the store, no auth, no database);
 - S3 direct: the limit for misses (presigned GETs straight to SeaweedFS);
 - Synapse with the S3 provider, file present and file evicted;
-- media-proxy, and media-proxy behind nginx in X-Accel mode.
+- media-proxy (uvloop, the default), the same on Python's own asyncio loop, and media-proxy
+  behind nginx in X-Accel mode.
 
 A miss evicts the file from the store before its request (bench's `miss` mode). "x limit" is
 the row's key figure over the limit's for the same case (req/s for small hits, MB/s for big
@@ -297,7 +298,7 @@ def _run(
 
     metrics: dict[str, str] = {}
 
-    def media_proxy(name: str, extra_args: list[str]) -> MediaProxy:
+    def media_proxy(name: str, extra_args: list[str], loop: str = "uvloop") -> MediaProxy:
         port = free_port()
         metrics[name] = f"http://{LOOPBACK}:{port}/metrics"
         return MediaProxy(
@@ -305,12 +306,13 @@ def _run(
             synapse_config=synapse.config_path,
             synapse_url=synapse.url,
             workers=args.workers,
-            config={"log_format": "json"},
+            config={"log_format": "json", "event_loop": loop},
             extra_args=[*extra_args, "--metrics-listen", f"{LOOPBACK}:{port}"],
         ).start()
 
     proxy = media_proxy("proxy", [])
     accel = media_proxy("proxy-accel", ["--accel-redirect", ACCEL_LOCATION])
+    plain = media_proxy("proxy-asyncio", [], loop="asyncio")
     nginx = Nginx(
         work / "nginx-accel",
         media_proxy=[f"{LOOPBACK}:{accel.port}"],
@@ -340,19 +342,23 @@ def _run(
         )
         return url
 
-    assert synapse.process and proxy.process and accel.process and nginx.process
+    assert synapse.process and proxy.process and accel.process and nginx.process and plain.process
     store = synapse.media_store_path
     servers = {
         "nginx static": Server("nginx static", static_url, "store", None),
         "S3 direct": Server("S3 direct", s3.endpoint_url, "store", None, presign=presign),
         "Synapse": Server("Synapse", synapse.url, "client", token, evict=store),
         "media-proxy": Server("media-proxy", proxy.url, "client", token, evict=store, proxy=proxy),
+        "media-proxy (asyncio loop)": Server(
+            "media-proxy (asyncio loop)", plain.url, "client", token, evict=store, proxy=plain
+        ),
         "media-proxy + nginx X-Accel": Server(
             "media-proxy + nginx X-Accel", nginx.url, "client", token, evict=store, proxy=accel
         ),
     }
     servers["media-proxy"].metrics_url = metrics["proxy"]
     servers["media-proxy + nginx X-Accel"].metrics_url = metrics["proxy-accel"]
+    servers["media-proxy (asyncio loop)"].metrics_url = metrics["proxy-asyncio"]
 
     async def all_rows() -> list[tuple[Case, str, dict[str, Any], str]]:
         rows = []
@@ -375,6 +381,7 @@ def _run(
         "Synapse": family(synapse.process.pid),
         "media-proxy": family(proxy.process.pid),
         "media-proxy (X-Accel)": family(accel.process.pid),
+        "media-proxy (asyncio loop)": family(plain.process.pid),
         "nginx (X-Accel, shipped site)": family(nginx.process.pid),
         "nginx static": family(static.pid),
     }
