@@ -45,7 +45,8 @@ class Nginx:
     """Debian's nginx in the foreground with the shipped site (nginx/media-proxy.conf) rendered
     for loopback by nginx/render_test_config.py; stopped by its PID.
 
-    X-Accel mode is on when ``accel_root`` (the proxy's cache directory) is given.
+    X-Accel mode is on when ``accel_root`` (the proxy's cache directory) is given; fast-hit
+    mode too with ``fast_hits``.
     """
 
     def __init__(
@@ -56,6 +57,7 @@ class Nginx:
         synapse: str,
         server_name: str,
         accel_root: Path | None = None,
+        fast_hits: bool = False,
         client_max_body_size: str | None = None,
         port: int | None = None,
     ) -> None:
@@ -66,6 +68,7 @@ class Nginx:
         self.synapse = synapse
         self.server_name = server_name
         self.accel_root = accel_root
+        self.fast_hits = fast_hits
         self.client_max_body_size = client_max_body_size
         self.log_path = self.prefix / "logs" / "nginx.out"  # stdout and stderr
         self.error_log = self.prefix / "logs" / "error.log"
@@ -86,6 +89,7 @@ class Nginx:
             synapse=self.synapse,
             server_name=self.server_name,
             accel_root=self.accel_root,
+            fast_hits=self.fast_hits,
             client_max_body_size=self.client_max_body_size,
         )
         argv: list[str] = renderer.nginx_command(self.prefix, nginx=nginx_binary())

@@ -83,6 +83,10 @@ class Locator:
             return None
         return Hit(rel, fd)
 
+    def stored(self, rel: str, length: int) -> Hit | None:
+        """The store file if it is complete, unopened (nginx sends it): a decision only."""
+        return self._hit(rel, length, open_hit=False)
+
     async def locate(
         self,
         rel: str,

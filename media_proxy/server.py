@@ -29,9 +29,10 @@ from media_proxy.fill import Filler
 from media_proxy.lifecycle import BackgroundPruner
 from media_proxy.locate import Locator
 from media_proxy.metadata import Metadata, open_database
-from media_proxy.parse import Kind
+from media_proxy.parse import Api, Kind
 from media_proxy.passthrough import SynapseClient
 from media_proxy.pipeline import MediaPipeline, Outcome
+from media_proxy.pipeline.steps import DECIDE, DECIDE_HEADER, Undecided
 from media_proxy.respond import Aborted, Refused, abort
 from media_proxy.respond import started as started_response
 from media_proxy.s3 import S3
@@ -197,6 +198,7 @@ class Proxy:
                 bytes=sending.sent if sending is not None else outcome.bytes,
                 ms=round((time.perf_counter() - started) * 1000, 2),
                 **({"aborted": aborted} if aborted else {}),
+                **({"decide": True} if request.get(DECIDE) else {}),
             )
 
     async def _answer(
@@ -209,6 +211,24 @@ class Proxy:
             outcome.source = "proxy"
             return await self.readiness.respond()
         response: web.StreamResponse | None = None
+        if DECIDE_HEADER in request.headers and self.config.accel_redirect:
+            # nginx's fast-hit question (its own subrequest: never Synapse's to answer)
+            outcome.source = "proxy"
+            request[DECIDE] = True
+            if (
+                request.headers[DECIDE_HEADER] != "1"  # nginx saw Range or a conditional
+                or media is None
+                or media.api is Api.FEDERATION
+                or self.pipeline is None
+            ):
+                return web.Response(status=204)
+            try:
+                return await self.pipeline.serve(request, media, outcome) or web.Response(
+                    status=204
+                )
+            except (Undecided, Refused):
+                outcome.source = "proxy"
+                return web.Response(status=204)
         if media is not None and self.pipeline is not None:
             try:
                 response = await self.pipeline.serve(request, media, outcome)

@@ -17,7 +17,9 @@ or from a shell:
 
 Tags: @listen, @media_proxy_servers, @synapse_servers, @federation_key (the homeserver's
 server_name in the hash key of federation requests), @client_max_body_size, @accel_include
-(the X-Accel switch), @accel_root (the cache directory nginx serves in X-Accel mode).
+(the X-Accel switch), @accel_root (the cache directory nginx serves in X-Accel mode),
+@fast_http_include and @fast_include (the fast-hit switch), @fast_root (the cache directory
+again) and @fast_cache_path (where nginx keeps the proxy's decisions).
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from typing import Final
 HERE: Final = Path(__file__).resolve().parent
 SITE: Final = HERE / "media-proxy.conf"
 ACCEL: Final = HERE / "media-proxy-accel.conf"
+FAST: Final = HERE / "media-proxy-fast-hits.conf"
+FAST_HTTP: Final = HERE / "media-proxy-fast-hits-http.conf"
 MAIN: Final = HERE / "nginx.conf"
 
 SITE_TAGS: Final = frozenset(
@@ -44,9 +48,13 @@ SITE_TAGS: Final = frozenset(
         "federation_key",
         "client_max_body_size",
         "accel_include",
+        "fast_http_include",
+        "fast_include",
     }
 )
 ACCEL_TAGS: Final = frozenset({"accel_root"})
+FAST_TAGS: Final = frozenset({"fast_root"})
+FAST_HTTP_TAGS: Final = frozenset({"fast_cache_path"})
 
 _TAGGED: Final = re.compile(r"^(?P<indent>[ \t]*)(?P<body>.*?)[ \t]*#[ \t]*@(?P<tag>\w+)[ \t]*$")
 
@@ -99,9 +107,13 @@ def render_site(
     synapse: str | Sequence[str],
     server_name: str = "example.com",
     accel: bool = False,
+    fast_hits: bool = False,
     client_max_body_size: str | None = None,
 ) -> str:
-    """media-proxy.conf with test addresses; `accel` uncomments the X-Accel include."""
+    """media-proxy.conf with test addresses; `accel` uncomments the X-Accel include,
+    `fast_hits` the two fast-hit includes (it needs `accel`)."""
+    if fast_hits and not accel:
+        raise RenderError("fast-hit mode needs X-Accel mode")
     listens = [listen] if isinstance(listen, str) else list(listen)
     synapses = [synapse] if isinstance(synapse, str) else list(synapse)
     if not re.fullmatch(r"[A-Za-z0-9.:\[\]-]+", server_name):
@@ -116,12 +128,17 @@ def render_site(
     def accel_include(body: str) -> list[str]:
         return [body.lstrip("# ").strip() if accel else body]
 
+    def fast_include(body: str) -> list[str]:
+        return [body.lstrip("# ").strip() if fast_hits else body]
+
     rules: dict[str, Rule] = {
         "listen": lambda _body: [f"listen {a};" for a in listens],
         "media_proxy_servers": _servers(media_proxy),
         "synapse_servers": _servers(synapses),
         "federation_key": federation_key,
         "accel_include": accel_include,
+        "fast_http_include": fast_include,
+        "fast_include": fast_include,
     }
     if client_max_body_size is not None:
         size = client_max_body_size
@@ -137,6 +154,26 @@ def render_accel(text: str, *, accel_root: str | os.PathLike[str]) -> str:
     return _rewrite(text, {"accel_root": lambda _body: [f"alias {root}/;"]}, ACCEL_TAGS)
 
 
+def render_fast(text: str, *, accel_root: str | os.PathLike[str]) -> str:
+    """media-proxy-fast-hits.conf serving `accel_root` (the proxy's cache directory)."""
+    root = Path(accel_root).resolve()
+    if any(c in str(root) for c in " ;{}\"'\\"):
+        raise RenderError(f"path needs quoting in nginx: {root}")
+    return _rewrite(text, {"fast_root": lambda _body: [f"root {root};"]}, FAST_TAGS)
+
+
+def render_fast_http(text: str, *, cache_path: str | os.PathLike[str]) -> str:
+    """media-proxy-fast-hits-http.conf keeping the decisions under `cache_path`."""
+
+    def rule(body: str) -> list[str]:
+        new, n = re.subn(r"^proxy_cache_path \S+", f"proxy_cache_path {Path(cache_path)}", body)
+        if n != 1:
+            raise RenderError(f"cannot find the cache path in {body!r}")
+        return [new]
+
+    return _rewrite(text, {"fast_cache_path": rule}, FAST_HTTP_TAGS)
+
+
 def render_test_config(
     prefix: str | os.PathLike[str],
     *,
@@ -145,11 +182,13 @@ def render_test_config(
     synapse: str | Sequence[str],
     server_name: str = "example.com",
     accel_root: str | os.PathLike[str] | None = None,
+    fast_hits: bool = False,
     client_max_body_size: str | None = None,
 ) -> Path:
     """Write PREFIX/conf/{nginx.conf,media-proxy.conf,snippets/...} and PREFIX/{logs,temp}/.
 
-    X-Accel mode is on when `accel_root` is given. Returns the path of nginx.conf.
+    X-Accel mode is on when `accel_root` is given, fast-hit mode too with `fast_hits`.
+    Returns the path of nginx.conf.
     """
     prefix = Path(prefix).resolve()
     conf = prefix / "conf"
@@ -164,12 +203,20 @@ def render_test_config(
             synapse=synapse,
             server_name=server_name,
             accel=accel_root is not None,
+            fast_hits=fast_hits,
             client_max_body_size=client_max_body_size,
         )
     )
     if accel_root is not None:
         (conf / "snippets" / "media-proxy-accel.conf").write_text(
             render_accel(ACCEL.read_text(), accel_root=accel_root)
+        )
+    if accel_root is not None and fast_hits:
+        (conf / "snippets" / "media-proxy-fast-hits.conf").write_text(
+            render_fast(FAST.read_text(), accel_root=accel_root)
+        )
+        (conf / "snippets" / "media-proxy-fast-hits-http.conf").write_text(
+            render_fast_http(FAST_HTTP.read_text(), cache_path=prefix / "temp" / "decisions")
         )
     return conf / "nginx.conf"
 
@@ -201,6 +248,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--synapse", action="append", required=True, help="HOST:PORT")
     parser.add_argument("--server-name", default="example.com", help="homeserver server_name")
     parser.add_argument("--accel-root", type=Path, help="cache directory: X-Accel mode on")
+    parser.add_argument(
+        "--fast-hits", action="store_true", help="fast-hit mode too (needs --accel-root)"
+    )
     parser.add_argument("--client-max-body-size", help="Synapse's max_upload_size, e.g. 50M")
     args = parser.parse_args(argv)
     render_test_config(
@@ -210,6 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         synapse=args.synapse,
         server_name=args.server_name,
         accel_root=args.accel_root,
+        fast_hits=args.fast_hits,
         client_max_body_size=args.client_max_body_size,
     )
     print(shlex.join(nginx_command(args.prefix)))

@@ -19,7 +19,7 @@ from media_proxy.locate import Locator
 from media_proxy.metadata import Metadata
 from media_proxy.parse import Api, Kind, MediaRequest
 from media_proxy.pipeline import federation, local, remote
-from media_proxy.pipeline.steps import Env, Outcome, PassThrough
+from media_proxy.pipeline.steps import Env, Outcome, PassThrough, Undecided, deciding
 
 __all__ = ["MediaPipeline", "Outcome"]
 
@@ -53,5 +53,7 @@ class MediaPipeline:
         try:
             return await pipeline(self.env, request, media, outcome)
         except PassThrough:
+            if deciding(request):
+                raise Undecided from None
             outcome.source = "synapse"
             return None

@@ -31,6 +31,21 @@ class PassThrough(Exception):
     """The proxy cannot be sure of Synapse's answer: Synapse answers instead."""
 
 
+class Undecided(Exception):
+    """A decision request (nginx's fast-hit mode) that is not a plain hit: the proxy says
+    nothing (204) and nginx sends the client's request to the proxy as usual."""
+
+
+# Set by the server on a request carrying DECIDE_HEADER in X-Accel mode: nginx asks whether
+# it may send the file itself, and caches a yes for a few seconds (nginx/README.md).
+DECIDE: Final = "media_proxy.decide"
+DECIDE_HEADER: Final = "X-Media-Proxy-Decide"
+
+
+def deciding(request: web.Request) -> bool:
+    return bool(request.get(DECIDE))
+
+
 @dataclass(slots=True)
 class Outcome:
     """What the request log line reports about a request."""
@@ -94,6 +109,8 @@ async def authorize(
         denied = creds
     if denied is None:
         return None
+    if deciding(request):
+        raise Undecided
     outcome.source = "proxy"
     return await respond.error(request, denied.status, denied.body, [])
 
@@ -101,6 +118,8 @@ async def authorize(
 async def refuse(
     request: web.Request, outcome: Outcome, refusal: Refusal, servlet: h.Headers
 ) -> web.StreamResponse:
+    if deciding(request):
+        raise Undecided
     outcome.source = "proxy"
     return await respond.error(request, refusal.status, refusal.body(), servlet)
 
@@ -111,6 +130,8 @@ async def not_modified(
     """Synapse's 304 for `If-None-Match: 1`; None when the request has no such header."""
     if not h.is_not_modified(request.headers.getall("If-None-Match", [])):
         return None
+    if deciding(request):
+        raise Undecided
     outcome.source = "proxy"
     return await respond.not_modified(request, h.not_modified_headers(download=download))
 
@@ -179,6 +200,9 @@ async def send(
     byte_range: ByteRange | None = None
     if config.ranges and source.rangeable:
         source = replace(source, headers=[*source.headers, ("Accept-Ranges", "bytes")])
+    if deciding(request):
+        return decide(env, request, source, outcome)
+    if config.ranges and source.rangeable:
         chosen = ranges.choose(
             request.headers.getall("Range", []),
             request.headers.getall("If-Range", []),
@@ -199,6 +223,17 @@ async def send(
     if found is None:
         raise PassThrough
     return await _respond(env, request, source, found, outcome, byte_range)
+
+
+def decide(env: Env, request: web.Request, source: Source, outcome: Outcome) -> web.Response:
+    """A yes to nginx's question (the X-Accel answer of a hit, which it caches briefly and
+    sends the file with), or Undecided: anything but a plain hit is the proxy's to send."""
+    if not env.config.accel_redirect or _nginx_would_answer(request):
+        raise Undecided
+    if env.locator.stored(source.rel, source.length) is None:
+        raise Undecided  # a miss: filled when the client's own request comes
+    outcome.source = "cache-accel"
+    return respond.accel_redirect(source.headers, env.config.accel_redirect + source.rel)
 
 
 async def _respond(

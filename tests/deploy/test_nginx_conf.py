@@ -114,18 +114,27 @@ def _upstream_view(pairs: list[tuple[str, str]]) -> dict[str, list[str]]:
 # The config as files
 
 
-@pytest.mark.parametrize("accel", [False, True], ids=["default", "x-accel"])
-def test_rendered_config_passes_nginx_t(renderer: ModuleType, tmp_path: Path, accel: bool) -> None:
+@pytest.mark.parametrize(
+    ("accel", "fast"),
+    [(False, False), (True, False), (True, True)],
+    ids=["default", "x-accel", "fast"],
+)
+def test_rendered_config_passes_nginx_t(
+    renderer: ModuleType, tmp_path: Path, accel: bool, fast: bool
+) -> None:
     conf = renderer.render_test_config(
         tmp_path / "prefix",
         listen=f"127.0.0.1:{free_port()}",
         media_proxy=["127.0.0.1:1", "127.0.0.1:2"],
         synapse="127.0.0.1:3",
         accel_root=tmp_path if accel else None,
+        fast_hits=fast,
         client_max_body_size="100M",
     )
     site = (conf.parent / "media-proxy.conf").read_text()
     assert ("\n    include snippets/media-proxy-accel.conf;" in site) is accel
+    assert ("\n    include snippets/media-proxy-fast-hits.conf;" in site) is fast
+    assert ("\ninclude snippets/media-proxy-fast-hits-http.conf;" in site) is fast
     assert "client_max_body_size 100M;" in site
     result = subprocess.run(
         renderer.nginx_command(conf.parent.parent, nginx=nginx_binary(), test=True),
@@ -443,3 +452,64 @@ def test_synapse_cannot_make_nginx_serve_files(nginx: Nginx) -> None:
     )
     assert (status, body) == (200, b"")
     assert "x-accel-redirect" not in _headers(headers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast-hit mode
+
+
+def test_fast_mode_needs_x_accel_mode(renderer: ModuleType, tmp_path: Path) -> None:
+    with pytest.raises(renderer.RenderError, match="X-Accel"):
+        renderer.render_test_config(
+            tmp_path,
+            listen="127.0.0.1:1",
+            media_proxy=["127.0.0.1:2"],
+            synapse="127.0.0.1:3",
+            fast_hits=True,
+        )
+
+
+def test_fast_mode_asks_the_instance_that_holds_the_file(
+    renderer: ModuleType,
+    upstreams: tuple[FakeUpstream, FakeUpstream, FakeUpstream],
+    cache_dir: Path,
+    tmp_path: Path,
+) -> None:
+    """The question (a subrequest to /_media_proxy_decide) is hashed like the request it is
+    about, so it reaches the instance whose cache holds the file; a no (here: any answer
+    without X-Accel-Redirect) sends the request itself to that same instance, without the
+    client's own X-Media-Proxy-Decide."""
+    m1, m2, syn = upstreams
+    port = free_port()
+    renderer.render_test_config(
+        tmp_path / "prefix",
+        listen=f"127.0.0.1:{port}",
+        media_proxy=[m1.address, m2.address],
+        synapse=syn.address,
+        server_name=SERVER_NAME,
+        accel_root=cache_dir,
+        fast_hits=True,
+    )
+    owners = collections.Counter[str]()
+    with run_nginx(tmp_path / "prefix", port) as nginx:
+        for n in range(30):
+            path = f"/_matrix/client/v1/media/download/{SERVER_NAME}/fast{n:03d}xyzXYZ"
+            answer = nginx.json(path, headers={"X-Media-Proxy-Decide": "1"})
+            asked = [
+                (up.name, s.headers.get("X-Media-Proxy-Decide"))
+                for up in (m1, m2)
+                for s in list(up.seen)
+                if s.path == path and "X-Media-Proxy-Decide" in s.headers
+            ]
+            assert asked == [(answer["upstream"], "1")], (path, asked, answer)
+            owners[str(answer["upstream"])] += 1
+            ranged = nginx.json(path, headers={"Range": "bytes=0-1"})
+            assert ranged["upstream"] == answer["upstream"]
+            told = [
+                s.headers.get("X-Media-Proxy-Decide")
+                for up in (m1, m2)
+                for s in list(up.seen)
+                if s.path == path and "X-Media-Proxy-Decide" in s.headers
+            ]
+            assert told == ["1", "conditional"]  # Range: the proxy is told, and says no
+    assert set(owners) == {"media-1", "media-2"}, owners

@@ -18,10 +18,11 @@ Checks that through nginx:
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,15 @@ class ProxyLog:
         its answer went out."""
         deadline = time.monotonic() + timeout
         while len(events := self.events()) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return events
+
+    def until(
+        self, done: Callable[[list[dict[str, Any]]], bool], timeout: float = 15.0
+    ) -> list[dict[str, Any]]:
+        """The events once `done` says they are all there (or as they are at the timeout)."""
+        deadline = time.monotonic() + timeout
+        while not done(events := self.events()) and time.monotonic() < deadline:
             time.sleep(0.02)
         return events
 
@@ -382,3 +392,155 @@ def test_accel_client_cannot_reach_the_internal_location(
     answer = request(accel_nginx.url, ACCEL_LOCATION + m.rel)
     assert answer.status == 404
     assert m.data not in answer.body
+
+
+# ---------------------------------------------------------------------------------------------
+# Fast-hit mode: nginx asks the proxy once, then sends hits alone for 5 s
+
+
+@pytest.fixture(scope="module")
+def fast_nginx(
+    synapse: Synapse, accel_proxy: MediaProxy, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Nginx]:
+    yield from _nginx(
+        "nginx-fast",
+        synapse,
+        accel_proxy,
+        tmp_path_factory,
+        accel_root=synapse.media_store_path,
+        fast_hits=True,
+    )
+
+
+def thumbnail_cases(m: Media, token: str) -> list[tuple[str, str, list[tuple[str, str]]]]:
+    query = "?width=32&height=32&method=scale"
+    return [
+        ("GET", f"/_matrix/client/v1/media/thumbnail/{m.server_name}/{m.media_id}{query}", []),
+        (
+            "GET",
+            f"/_matrix/client/v1/media/thumbnail/{m.server_name}/{m.media_id}{query}",
+            bearer(token),
+        ),
+        ("HEAD", f"/_matrix/media/v3/thumbnail/{m.server_name}/{m.media_id}{query}", []),
+    ]
+
+
+@pytest.mark.parametrize("evicted", [False, True], ids=["hit", "miss"])
+@pytest.mark.parametrize("kind", ["png", "html", "text", "svg", "video"])
+def test_fast_mode_answers_like_plain_mode(
+    synapse: Synapse,
+    nginx: Nginx,
+    fast_nginx: Nginx,
+    accel_proxy: MediaProxy,
+    user_token: str,
+    media: dict[str, Media],
+    kind: str,
+    evicted: bool,
+) -> None:
+    m = media[kind]
+    request(nginx.url, m.client_path(), headers=bearer(user_token))
+    assert stored_bytes(synapse, m) == m.data  # in the store again
+    cases = download_cases(m, user_token)
+    if kind == "png":
+        cases += thumbnail_cases(m, user_token)
+    log = ProxyLog(accel_proxy)
+    for method, path, headers in cases * 2:  # the second round meets nginx's cached yeses
+        if evicted:
+            evict(synapse, m)
+        fast = request(fast_nginx.url, path, method=method, headers=log.headers(headers))
+        if evicted:
+            evict(synapse, m)
+        plain = request(nginx.url, path, method=method, headers=headers)
+        assert comparable(fast) == comparable(plain), (method, path, headers, fast, plain)
+        assert fast.header("x-accel-redirect") is None
+    wanted = "s3" if evicted else "cache-accel"
+    events = log.until(lambda found: wanted in [e["source"] for e in found])
+    events = [e for e in events if e.get("media_id") == m.media_id]
+    decided = [e for e in events if e.get("decide")]
+    if evicted:
+        # every question was a no (the file was never there when asked), and the client's
+        # own request then went to the proxy, which streamed the file from S3
+        assert decided and {(e["status"], e["source"]) for e in decided} == {(204, "proxy")}
+        assert "s3" in [e["source"] for e in events if not e.get("decide")]
+    else:
+        assert "cache-accel" in [e["source"] for e in decided], decided
+
+
+def test_fast_hits_are_sent_by_nginx_alone_and_refusals_by_the_proxy(
+    synapse: Synapse, user_token: str, s3_proxy: FaultProxy, tmp_path: Path
+) -> None:
+    """After a yes, nginx answers the same request without the proxy: it answers even while
+    the proxy is frozen (SIGSTOP). Another token, a bad one, a file evicted meanwhile: the
+    proxy's answers, as in plain mode."""
+    m = upload(
+        synapse.url,
+        user_token,
+        os.urandom(200_000),
+        name="fast.bin",
+        server_name=synapse.server_name,
+    )
+    proxy = MediaProxy(
+        tmp_path / "proxy",
+        synapse_config=synapse.config_path,
+        synapse_url=synapse.url,
+        config={**TEST_PROXY_CONFIG, "s3": {"endpoint_url": s3_proxy.url}},
+        extra_args=["--accel-redirect", ACCEL_LOCATION],
+    ).start()
+    try:
+        fast = Nginx(
+            tmp_path / "nginx",
+            media_proxy=[address(proxy.url)],
+            synapse=address(synapse.url),
+            server_name=synapse.server_name,
+            accel_root=synapse.media_store_path,
+            fast_hits=True,
+        ).start()
+        try:
+            _check_fast_hits(synapse, proxy, fast, m, user_token)
+        finally:
+            fast.stop()
+    finally:
+        proxy.stop()
+
+
+def _check_fast_hits(
+    synapse: Synapse, proxy: MediaProxy, fast: Nginx, m: Media, token: str
+) -> None:
+    assert proxy.process is not None
+    log = ProxyLog(proxy)
+    for _ in range(3):  # the yes is kept 5 s: a pair of requests further apart tries again
+        first = request(fast.url, m.client_path(), headers=log.headers(bearer(token)))
+        asked = time.monotonic()
+        assert first.status == 200 and first.body == m.data
+        os.kill(proxy.process.pid, signal.SIGSTOP)
+        try:
+            if time.monotonic() - asked > 3:
+                continue
+            second = request(fast.url, m.client_path(), headers=bearer(token), timeout=2)
+        finally:
+            os.kill(proxy.process.pid, signal.SIGCONT)
+        break
+    else:
+        pytest.fail("no two requests within 3 s")
+    assert (second.status, second.body) == (200, m.data)
+    assert comparable(second) == comparable(first)
+    event = log.wait(1)[0]
+    assert (event["source"], event.get("decide")) == ("cache-accel", True)
+
+    # a token the proxy refuses, with the same path: the proxy's own 401, as in plain mode
+    denied = request(fast.url, m.client_path(), headers=log.headers(bearer("not-a-token")))
+    theirs = request(synapse.url, m.client_path(), headers=bearer("not-a-token"))
+    assert comparable(denied) == comparable(theirs)
+
+    # a cached yes for a file evicted since: nginx finds no file and the proxy fills it
+    request(fast.url, m.client_path(), headers=bearer(token))
+    evict(synapse, m)
+    rid = log.headers()[-1][1]
+    again = request(fast.url, m.client_path(), headers=[*bearer(token), ("X-Request-ID", rid)])
+    assert (again.status, again.body) == (200, m.data)
+    assert stored_bytes(synapse, m) == m.data
+
+    def filled(events: list[dict[str, Any]]) -> bool:
+        return any(e["request_id"] == rid and e["source"] == "s3" for e in events)
+
+    assert filled(log.until(filled))
