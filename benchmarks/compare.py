@@ -9,8 +9,9 @@ server for a few seconds per row:
 - nginx static: the limit for hits (sendfile from the store, no auth, no database);
 - S3 direct: the limit for misses (presigned GETs straight to SeaweedFS);
 - Synapse with the S3 provider, file present and file evicted;
-- media-proxy (uvloop, the default), the same on Python's own asyncio loop, and media-proxy
-  behind nginx in X-Accel mode.
+- media-proxy (uvloop, the default), the same on Python's own asyncio loop, media-proxy
+  behind nginx in X-Accel mode, and behind nginx in fast-hit mode (nginx sends hits alone
+  for 5 s after the proxy's yes).
 
 A miss evicts the file from the store before its request (bench's `miss` mode). "x limit" is
 the row's key figure over the limit's for the same case (req/s for small hits, MB/s for big
@@ -231,7 +232,7 @@ def ratio(case: Case, report: dict[str, Any], limit: dict[str, Any] | None) -> s
 
 def print_table(rows: list[tuple[Case, str, dict[str, Any], str]]) -> None:
     head = (
-        f"{'case':30} {'server':28} {'req/s':>8} {'MB/s':>8} {'p50 ms':>8} {'p99 ms':>8}"
+        f"{'case':30} {'server':30} {'req/s':>8} {'MB/s':>8} {'p50 ms':>8} {'p99 ms':>8}"
         f" {'TTFB p50':>9} {'max ms':>8} {'errors':>6} {'S3 GETs':>9} {'x limit':>7}"
     )
     print(head)
@@ -245,7 +246,7 @@ def print_table(rows: list[tuple[Case, str, dict[str, Any], str]]) -> None:
         last = case.name
         errors = r["requests"] - r["ok"]
         print(
-            f"{case.name:30} {name:28} {r['requests_per_s']:8.0f} {r['mb_per_s']:8.1f}"
+            f"{case.name:30} {name:30} {r['requests_per_s']:8.0f} {r['mb_per_s']:8.1f}"
             f" {r['latency_ms']['p50']:8.2f} {r['latency_ms']['p99']:8.2f}"
             f" {r['ttfb_ms']['p50']:9.2f} {r['latency_ms']['max']:8.1f} {errors:6}"
             f" {r['s3_gets']!s:>9} {x:>7}"
@@ -280,7 +281,7 @@ def main() -> None:
     for name, per_pid in rss.items():
         figures = ", ".join(f"{kib / 1024:.1f}" for kib in per_pid.values())
         total = sum(per_pid.values()) / 1024
-        print(f"  {name:28} {total:8.1f} MiB  ({len(per_pid)} processes: {figures} MiB)")
+        print(f"  {name:30} {total:8.1f} MiB  ({len(per_pid)} processes: {figures} MiB)")
     for case, name, r, _ in rows:
         if r and (r["errors"] or r.get("proxy_log_problems")):
             print(f"\n{case.name}, {name}: errors {r['errors']}")
@@ -321,6 +322,15 @@ def _run(
         accel_root=synapse.media_store_path,
         client_max_body_size="256M",
     ).start()
+    fast = Nginx(
+        work / "nginx-fast",
+        media_proxy=[f"{LOOPBACK}:{accel.port}"],
+        synapse=f"{LOOPBACK}:{synapse.port}",
+        server_name=synapse.server_name,
+        accel_root=synapse.media_store_path,
+        fast_hits=True,
+        client_max_body_size="256M",
+    ).start()
     static_url, static = static_nginx(work / "nginx-static", synapse.media_store_path)
     token = synapse.register_user("bench", "bench-password")
 
@@ -343,6 +353,7 @@ def _run(
         return url
 
     assert synapse.process and proxy.process and accel.process and nginx.process and plain.process
+    assert fast.process
     store = synapse.media_store_path
     servers = {
         "nginx static": Server("nginx static", static_url, "store", None),
@@ -355,10 +366,14 @@ def _run(
         "media-proxy + nginx X-Accel": Server(
             "media-proxy + nginx X-Accel", nginx.url, "client", token, evict=store, proxy=accel
         ),
+        "media-proxy + nginx fast hits": Server(
+            "media-proxy + nginx fast hits", fast.url, "client", token, evict=store, proxy=accel
+        ),
     }
     servers["media-proxy"].metrics_url = metrics["proxy"]
     servers["media-proxy + nginx X-Accel"].metrics_url = metrics["proxy-accel"]
     servers["media-proxy (asyncio loop)"].metrics_url = metrics["proxy-asyncio"]
+    servers["media-proxy + nginx fast hits"].metrics_url = metrics["proxy-accel"]
 
     async def all_rows() -> list[tuple[Case, str, dict[str, Any], str]]:
         rows = []
@@ -383,6 +398,7 @@ def _run(
         "media-proxy (X-Accel)": family(accel.process.pid),
         "media-proxy (asyncio loop)": family(plain.process.pid),
         "nginx (X-Accel, shipped site)": family(nginx.process.pid),
+        "nginx (fast hits, shipped site)": family(fast.process.pid),
         "nginx static": family(static.pid),
     }
     static.stop()
