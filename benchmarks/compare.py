@@ -9,7 +9,7 @@ server for a few seconds per row:
 - nginx static: the limit for hits (sendfile from the store, no auth, no database);
 - S3 direct: the limit for misses (presigned GETs straight to SeaweedFS);
 - Synapse with the S3 provider, file present and file evicted;
-- media-proxy (uvloop, the default), the same on Python's own asyncio loop, media-proxy
+- media-proxy (Python's asyncio loop, the default), the same on uvloop, media-proxy
   behind nginx in X-Accel mode, and behind nginx in fast-hit mode (nginx sends hits alone
   for 5 s after the proxy's yes).
 
@@ -299,7 +299,7 @@ def _run(
 
     metrics: dict[str, str] = {}
 
-    def media_proxy(name: str, extra_args: list[str], loop: str = "uvloop") -> MediaProxy:
+    def media_proxy(name: str, extra_args: list[str], loop: str = "asyncio") -> MediaProxy:
         port = free_port()
         metrics[name] = f"http://{LOOPBACK}:{port}/metrics"
         return MediaProxy(
@@ -313,7 +313,7 @@ def _run(
 
     proxy = media_proxy("proxy", [])
     accel = media_proxy("proxy-accel", ["--accel-redirect", ACCEL_LOCATION])
-    plain = media_proxy("proxy-asyncio", [], loop="asyncio")
+    other = media_proxy("proxy-uvloop", [], loop="uvloop")
     nginx = Nginx(
         work / "nginx-accel",
         media_proxy=[f"{LOOPBACK}:{accel.port}"],
@@ -352,7 +352,7 @@ def _run(
         )
         return url
 
-    assert synapse.process and proxy.process and accel.process and nginx.process and plain.process
+    assert synapse.process and proxy.process and accel.process and nginx.process and other.process
     assert fast.process
     store = synapse.media_store_path
     servers = {
@@ -360,8 +360,8 @@ def _run(
         "S3 direct": Server("S3 direct", s3.endpoint_url, "store", None, presign=presign),
         "Synapse": Server("Synapse", synapse.url, "client", token, evict=store),
         "media-proxy": Server("media-proxy", proxy.url, "client", token, evict=store, proxy=proxy),
-        "media-proxy (asyncio loop)": Server(
-            "media-proxy (asyncio loop)", plain.url, "client", token, evict=store, proxy=plain
+        "media-proxy (uvloop)": Server(
+            "media-proxy (uvloop)", other.url, "client", token, evict=store, proxy=other
         ),
         "media-proxy + nginx X-Accel": Server(
             "media-proxy + nginx X-Accel", nginx.url, "client", token, evict=store, proxy=accel
@@ -372,7 +372,7 @@ def _run(
     }
     servers["media-proxy"].metrics_url = metrics["proxy"]
     servers["media-proxy + nginx X-Accel"].metrics_url = metrics["proxy-accel"]
-    servers["media-proxy (asyncio loop)"].metrics_url = metrics["proxy-asyncio"]
+    servers["media-proxy (uvloop)"].metrics_url = metrics["proxy-uvloop"]
     servers["media-proxy + nginx fast hits"].metrics_url = metrics["proxy-accel"]
 
     async def all_rows() -> list[tuple[Case, str, dict[str, Any], str]]:
@@ -396,7 +396,7 @@ def _run(
         "Synapse": family(synapse.process.pid),
         "media-proxy": family(proxy.process.pid),
         "media-proxy (X-Accel)": family(accel.process.pid),
-        "media-proxy (asyncio loop)": family(plain.process.pid),
+        "media-proxy (uvloop)": family(other.process.pid),
         "nginx (X-Accel, shipped site)": family(nginx.process.pid),
         "nginx (fast hits, shipped site)": family(fast.process.pid),
         "nginx static": family(static.pid),

@@ -1,11 +1,14 @@
-"""Cache hits side by side: media-proxy against Synapse serving the same file, same run.
+"""Cache hits side by side with wrk: nginx static, media-proxy (asyncio and uvloop loops),
+media-proxy behind the shipped nginx site in X-Accel and fast-hit modes, and Synapse.
 
-Starts the dev stack (SeaweedFS, Synapse with SQLite and the S3 provider, media-proxy), uploads
-a small and a big file, and loads each server with `wrk` (Debian package `wrk`) on loopback for
-a few seconds per case. Prints requests/s, median latency and throughput. Figures on a shared
-2-core machine are noisy: compare the columns of one run, not runs with each other.
+Starts the dev stack (SeaweedFS, Synapse with SQLite and the S3 provider, three media-proxies,
+two nginx fronts and a plain nginx aliasing the media store), uploads a 1 KiB and a 20 MiB
+file, and loads each server with `wrk` (Debian package `wrk`: a C client, so small-file rates
+are not bounded by a Python client as in benchmarks.compare) on loopback for a few seconds per
+case. Prints requests/s, median latency, throughput and the ratio to nginx static. wrk shares
+the 2 cores with the servers: compare the rows of one run, not runs with each other.
 
-    .venv/bin/python -m benchmarks.hits [--seconds 5] [--workers 2]
+    .venv/bin/python -m benchmarks.hits [--seconds 3] [--workers 2]
 """
 
 from __future__ import annotations
@@ -18,10 +21,13 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from devstack.procs import stop_all
+from benchmarks.compare import ACCEL_LOCATION, static_nginx
+from devstack.nginx import Nginx
+from devstack.procs import LOOPBACK, stop_all
 from devstack.proxy import MediaProxy
 from devstack.seaweed import SeaweedFS
 from devstack.synapse import Synapse
+from media_proxy import paths
 
 _UNITS = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "KB": 1024, "MB": 1024**2, "GB": 1024**3}
 
@@ -51,7 +57,7 @@ def wrk(url: str, token: str, connections: int, seconds: int) -> tuple[float, st
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     args = parser.parse_args()
     if shutil.which("wrk") is None:
@@ -62,32 +68,64 @@ def main() -> None:
         try:
             seaweed = SeaweedFS(work / "s3").start()
             synapse = Synapse(work / "synapse", s3=seaweed.create_bucket("media")).start()
-            proxy = MediaProxy(
-                work / "proxy",
-                synapse_config=synapse.config_path,
-                synapse_url=synapse.url,
-                workers=args.workers,
-                config={"log_format": "json"},
-            ).start()
+
+            def media_proxy(name: str, loop: str, extra: list[str]) -> MediaProxy:
+                return MediaProxy(
+                    work / name,
+                    synapse_config=synapse.config_path,
+                    synapse_url=synapse.url,
+                    workers=args.workers,
+                    config={"log_format": "json", "event_loop": loop},
+                    extra_args=extra,
+                ).start()
+
+            proxy = media_proxy("proxy", "asyncio", [])
+            other = media_proxy("proxy-uvloop", "uvloop", [])
+            accel = media_proxy("proxy-accel", "asyncio", ["--accel-redirect", ACCEL_LOCATION])
+
+            def front(name: str, fast_hits: bool) -> Nginx:
+                return Nginx(
+                    work / name,
+                    media_proxy=[f"{LOOPBACK}:{accel.port}"],
+                    synapse=f"{LOOPBACK}:{synapse.port}",
+                    server_name=synapse.server_name,
+                    accel_root=synapse.media_store_path,
+                    fast_hits=fast_hits,
+                ).start()
+
+            x_accel, fast = front("nginx-accel", False), front("nginx-fast", True)
+            static_url, static = static_nginx(work / "nginx-static", synapse.media_store_path)
             token = synapse.register_user("bench", "bench-password")
-            files = {
-                "10 KiB": os.urandom(10 * 1024),
-                "20 MiB": os.urandom(20 * 1024 * 1024),
-            }
+            files = {"1 KiB": os.urandom(1024), "20 MiB": os.urandom(20 * 1024 * 1024)}
             for label, data in files.items():
                 mxc = synapse.upload(token, data, content_type="image/png", filename="b.png")
                 media_id = mxc.rsplit("/", 1)[1]
                 path = f"/_matrix/client/v1/media/download/{synapse.server_name}/{media_id}"
-                for connections in (1, 32) if label == "10 KiB" else (4,):
-                    for name, base in (("media-proxy", proxy.url), ("Synapse", synapse.url)):
-                        rps, p50, mbs = wrk(base + path, token, connections, args.seconds)
-                        rows.append((label, connections, name, rps, p50, mbs))
+                servers = {
+                    "nginx static": static_url + "/" + paths.local_media(media_id),
+                    "media-proxy": proxy.url + path,
+                    "media-proxy (uvloop)": other.url + path,
+                    "+ nginx X-Accel": x_accel.url + path,
+                    "+ nginx fast hits": fast.url + path,
+                    "Synapse": synapse.url + path,
+                }
+                for connections in (1, 32) if label == "1 KiB" else (4,):
+                    limit = 0.0
+                    for name, url in servers.items():
+                        rps, p50, mbs = wrk(url, token, connections, args.seconds)
+                        limit = limit or rps
+                        rows.append((label, connections, name, rps, p50, mbs, rps / limit))
+            static.stop()
         finally:
             stop_all()
-    print(f"\ncache hits, client API with a token, {args.workers} media-proxy workers")
-    print(f"{'file':8} {'conns':>5}  {'server':12} {'req/s':>9} {'p50':>9} {'MB/s':>9}")
-    for label, connections, name, rps, p50, mbs in rows:
-        print(f"{label:8} {connections:5}  {name:12} {rps:9.0f} {p50:>9} {mbs:9.1f}")
+    print(f"\ncache hits with wrk, client API with a token, {args.workers} media-proxy workers")
+    head = (
+        f"{'file':8} {'conns':>5}  {'server':22} {'req/s':>9} {'p50':>9} {'MB/s':>9} {'x nginx':>8}"
+    )
+    print(head)
+    print("-" * len(head))
+    for label, connections, name, rps, p50, mbs, ratio in rows:
+        print(f"{label:8} {connections:5}  {name:22} {rps:9.0f} {p50:>9} {mbs:9.1f} {ratio:8.2f}")
 
 
 if __name__ == "__main__":

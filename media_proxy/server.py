@@ -322,8 +322,9 @@ def _run_worker(config: Config, *, reuse_port: bool) -> str:
 
 
 def loop_factory(config: Config) -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop for serving workers unless configured otherwise: its transports and parser
-    glue cost less per request (respond.py brings the sendfile waits uvloop lacks)."""
+    """uvloop for serving workers when configured (respond.py brings the sendfile waits it
+    lacks). Not the default: side by side (benchmarks.hits, benchmarks.compare) it served
+    hits no faster than Python's loop, whose own sendfile is the longer-proven path."""
     if config.event_loop == "uvloop":
         import uvloop
 

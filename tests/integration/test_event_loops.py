@@ -1,4 +1,4 @@
-"""Both serving loops (`event_loop: uvloop`, the default, and `asyncio`) send whole files
+"""Both serving loops (`event_loop: asyncio`, the default, and `uvloop`) send whole files
 zero-copy to slow readers, hits and misses alike, and end a stalled client's answer on stop.
 
 uvloop has no loop.sendfile: the proxy waits for writability itself (respond.py), on a
