@@ -430,6 +430,12 @@ _OWN_KEYS: Final = frozenset(
 )
 
 
+def default_workers() -> int:
+    """One serving worker per CPU this process may run on (its affinity, as a cpuset or
+    `taskset` gives it): a worker is one Python thread of work."""
+    return max(1, len(os.sched_getaffinity(0)))
+
+
 def load(
     *,
     config_file: Path | None = None,
@@ -548,7 +554,7 @@ def load(
         str(own.get("listen", "127.0.0.1:8011")), source=listen_src, key=listen_key
     )
     r = _Reader(own, own_src, flags=flags)
-    workers = int(r.number("workers", 1, minimum=1))
+    workers = int(r.number("workers", default_workers(), minimum=1))
     metrics_listen: tuple[str, int] | None = None
     if own.get("metrics_listen") is not None:
         m_src, m_key = origin("metrics_listen")

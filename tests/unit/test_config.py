@@ -4,6 +4,7 @@ and command-line overrides; and the CLI's one-line configuration errors."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import textwrap
 from pathlib import Path
@@ -1041,3 +1042,8 @@ def test_serving_loop_is_pythons_own_by_default(tmp_path: Path) -> None:
     """uvloop served hits no faster here (benchmarks.hits): it is an option, not the default."""
     config = load(synapse_config=[hs_file(tmp_path)], overrides=URL, environ={})
     assert config.event_loop == "asyncio"
+
+
+def test_one_worker_per_cpu_by_default(tmp_path: Path) -> None:
+    config = load(synapse_config=[hs_file(tmp_path)], overrides=URL, environ={})
+    assert config.workers == len(os.sched_getaffinity(0)) >= 1
