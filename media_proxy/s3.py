@@ -22,7 +22,7 @@ import structlog
 from aiobotocore.config import AioConfig
 from botocore.exceptions import BotoCoreError, ClientError
 
-from media_proxy import metrics
+from media_proxy import metrics, s3get
 from media_proxy.breaker import Breaker
 from media_proxy.config import S3Config
 
@@ -72,6 +72,7 @@ class S3:
         self.config = config
         self._stack = AsyncExitStack()
         self._client: Any = None
+        self._getter: s3get.Getter | None = None  # misses' GETs, where botocore is not needed
         # Serving-path GETs only: an upkeep command should see every error, not a shortcut.
         self.breaker = Breaker(threshold=config.breaker_threshold, cooldown=config.breaker_cooldown)
 
@@ -102,6 +103,9 @@ class S3:
                 config=boto_config,
             )
         )
+        if s3get.usable(c):
+            self._getter = s3get.Getter(c)
+            self._stack.push_async_callback(self._getter.close)
 
     async def close(self) -> None:
         await self._stack.aclose()
@@ -129,7 +133,9 @@ class S3:
                 resp = await self._call(
                     "GetObject",
                     key,
-                    self._client.get_object(Bucket=self.config.bucket, Key=key, **self._sse()),
+                    self._getter.get(key)
+                    if self._getter is not None
+                    else self._client.get_object(Bucket=self.config.bucket, Key=key, **self._sse()),
                     missing_ok=True,
                 )
         except TimeoutError as e:

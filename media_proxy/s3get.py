@@ -1,0 +1,170 @@
+"""GetObject without botocore's per-call machinery, for the serving path's misses.
+
+A miss's GET through aiobotocore costs about 0.6 ms of Python before and after the request
+on this machine (1.2 ms against 0.56 ms for the same GET presigned, back to back; 3.3 against
+1.9 ms spaced out as misses come): a third of a small miss's time to first byte. The request
+itself is simple: a path-style GET signed with SigV4 (an unsigned payload, three signed
+headers), which Garage, SeaweedFS and AWS all accept. Anything else (virtual-host
+addressing, no endpoint, temporary credentials, SSE-C) stays with botocore.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import time
+import urllib.parse
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import aiohttp
+import yarl
+from botocore.exceptions import ClientError
+
+from media_proxy.config import S3Config
+
+_UNSIGNED: Final = "UNSIGNED-PAYLOAD"
+_SIGNED_HEADERS: Final = "host;x-amz-content-sha256;x-amz-date"
+_RETRY_STATUSES: Final = frozenset({500, 502, 503, 504})
+_CODE: Final = re.compile(rb"<Code>([^<]{1,64})</Code>")
+
+
+def usable(config: S3Config) -> bool:
+    """Whether a GET can be made here exactly as botocore would make it."""
+    if not (config.endpoint_url and config.access_key_id and config.secret_access_key):
+        return False
+    if config.session_token or config.sse_customer_key or config.addressing_style != "path":
+        return False
+    url = urllib.parse.urlsplit(config.endpoint_url)
+    return url.scheme in ("http", "https") and url.path in ("", "/") and not url.query
+
+
+@dataclass
+class Signer:
+    """SigV4 for path-style GETs; the derived key is kept for its day."""
+
+    access_key: str
+    secret_key: str
+    region: str
+    _keys: dict[str, bytes] = field(default_factory=dict)
+
+    def _key(self, day: str) -> bytes:
+        key = self._keys.get(day)
+        if key is None:
+            key = _hmac(("AWS4" + self.secret_key).encode(), day)
+            for part in (self.region, "s3", "aws4_request"):
+                key = _hmac(key, part)
+            self._keys = {day: key}
+        return key
+
+    def headers(self, host: str, path: str, now: float | None = None) -> dict[str, str]:
+        """The headers that sign `GET path` (already percent-encoded) on `host`."""
+        amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
+        day = amz_date[:8]
+        canonical = (
+            f"GET\n{path}\n\nhost:{host}\nx-amz-content-sha256:{_UNSIGNED}\n"
+            f"x-amz-date:{amz_date}\n\n{_SIGNED_HEADERS}\n{_UNSIGNED}"
+        )
+        scope = f"{day}/{self.region}/s3/aws4_request"
+        to_sign = (
+            f"AWS4-HMAC-SHA256\n{amz_date}\n{scope}\n"
+            + hashlib.sha256(canonical.encode()).hexdigest()
+        )
+        signature = hmac.new(self._key(day), to_sign.encode(), hashlib.sha256).hexdigest()
+        return {
+            "Host": host,
+            "x-amz-content-sha256": _UNSIGNED,
+            "x-amz-date": amz_date,
+            "Authorization": (
+                f"AWS4-HMAC-SHA256 Credential={self.access_key}/{scope}, "
+                f"SignedHeaders={_SIGNED_HEADERS}, Signature={signature}"
+            ),
+        }
+
+
+def _hmac(key: bytes, text: str) -> bytes:
+    return hmac.new(key, text.encode(), hashlib.sha256).digest()
+
+
+def object_path(bucket: str, key: str) -> str:
+    """The path-style request path of an object, encoded as botocore encodes it."""
+    return urllib.parse.quote(f"/{bucket}/{key}", safe="/~")
+
+
+class Body:
+    """The streamed body of a GET: `read(n)` gives up to n bytes, b"" at the end."""
+
+    def __init__(self, response: aiohttp.ClientResponse) -> None:
+        self._response = response
+
+    async def read(self, n: int) -> bytes:
+        try:
+            return await self._response.content.read(n)
+        except aiohttp.ClientError as e:  # a connection lost mid-body
+            raise ConnectionError(str(e)) from e
+
+    def close(self) -> None:
+        self._response.close()
+
+
+class Getter:
+    """Signed GETs over one aiohttp session (the connection pool of all misses)."""
+
+    def __init__(self, config: S3Config) -> None:
+        assert config.endpoint_url and config.access_key_id and config.secret_access_key
+        url = urllib.parse.urlsplit(config.endpoint_url)
+        self.base = f"{url.scheme}://{url.netloc}"
+        self.host = url.netloc
+        self.bucket = config.bucket
+        self.signer = Signer(
+            config.access_key_id, config.secret_access_key, config.region_name or "us-east-1"
+        )
+        self.session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=config.max_pool_connections),
+            timeout=aiohttp.ClientTimeout(
+                sock_connect=config.connect_timeout, sock_read=config.read_timeout
+            ),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
+        )
+
+    async def close(self) -> None:
+        await self.session.close()
+
+    async def get(self, key: str) -> dict[str, Any]:
+        """What botocore's get_object gives the caller (`ContentLength`, `Body`), or its
+        ClientError for an error answer (404 NoSuchKey, 5xx after one retry, as botocore's
+        standard retries); a failed connection raises ConnectionError (also after one retry)."""
+        path = object_path(self.bucket, key)
+        for attempt in (1, 2):
+            try:
+                response = await self.session.get(
+                    yarl.URL(self.base + path, encoded=True),  # sent as signed, not requoted
+                    headers=self.signer.headers(self.host, path),
+                    allow_redirects=False,
+                )
+            except aiohttp.ClientError as e:
+                if attempt == 1:
+                    continue
+                raise ConnectionError(f"GetObject: {e}") from e
+            if response.status == 200:
+                length = response.content_length
+                if length is None:
+                    response.close()
+                    raise ConnectionError("GetObject: no Content-Length in the answer")
+                return {"ContentLength": length, "Body": Body(response)}
+            body = await response.read()  # an error document: a few hundred bytes
+            response.close()
+            if response.status in _RETRY_STATUSES and attempt == 1:
+                continue
+            found = _CODE.search(body)
+            code = found[1].decode(errors="replace") if found else str(response.status)
+            raise ClientError(
+                {
+                    "Error": {"Code": code, "Message": body[:200].decode(errors="replace")},
+                    "ResponseMetadata": {"HTTPStatusCode": response.status},
+                },
+                "GetObject",
+            )
+        raise AssertionError("unreachable")
