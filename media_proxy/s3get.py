@@ -10,6 +10,7 @@ addressing, no endpoint, temporary credentials, SSE-C) stays with botocore.
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import hmac
 import re
@@ -17,6 +18,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 from typing import Any, Final
+from xml.etree import ElementTree
 
 import aiohttp
 import yarl
@@ -58,12 +60,15 @@ class Signer:
             self._keys = {day: key}
         return key
 
-    def headers(self, host: str, path: str, now: float | None = None) -> dict[str, str]:
-        """The headers that sign `GET path` (already percent-encoded) on `host`."""
+    def headers(
+        self, host: str, path: str, query: str = "", now: float | None = None
+    ) -> dict[str, str]:
+        """The headers that sign `GET path?query` (both already in canonical form: encoded,
+        the query's parameters sorted) on `host`."""
         amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
         day = amz_date[:8]
         canonical = (
-            f"GET\n{path}\n\nhost:{host}\nx-amz-content-sha256:{_UNSIGNED}\n"
+            f"GET\n{path}\n{query}\nhost:{host}\nx-amz-content-sha256:{_UNSIGNED}\n"
             f"x-amz-date:{amz_date}\n\n{_SIGNED_HEADERS}\n{_UNSIGNED}"
         )
         scope = f"{day}/{self.region}/s3/aws4_request"
@@ -90,6 +95,48 @@ def _hmac(key: bytes, text: str) -> bytes:
 def object_path(bucket: str, key: str) -> str:
     """The path-style request path of an object, encoded as botocore encodes it."""
     return urllib.parse.quote(f"/{bucket}/{key}", safe="/~")
+
+
+def canonical_query(params: dict[str, str]) -> str:
+    """A query string in SigV4's canonical form, which is also what is sent."""
+    return "&".join(
+        f"{urllib.parse.quote(k, safe='-_.~')}={urllib.parse.quote(v, safe='-_.~')}"
+        for k, v in sorted(params.items())
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ListPage:
+    """One ListObjectsV2 page: (key, size, LastModified as epoch seconds) in key order."""
+
+    objects: list[tuple[str, int, float]]
+    next_token: str | None
+
+
+def parse_list_page(body: bytes) -> ListPage:
+    """A ListObjectsV2 answer (keys URL-encoded, as asked), read as botocore reads it."""
+    root = ElementTree.fromstring(body)
+    objects: list[tuple[str, int, float]] = []
+    truncated, token = False, None
+    for child in root:
+        name = child.tag.rpartition("}")[2]
+        if name == "Contents":
+            fields = {f.tag.rpartition("}")[2]: f.text or "" for f in child}
+            modified = datetime.datetime.fromisoformat(fields["LastModified"])
+            if modified.tzinfo is None:
+                modified = modified.replace(tzinfo=datetime.UTC)
+            objects.append(
+                (
+                    urllib.parse.unquote_plus(fields["Key"]),
+                    int(fields["Size"]),
+                    modified.timestamp(),
+                )
+            )
+        elif name == "IsTruncated":
+            truncated = (child.text or "").strip().lower() == "true"
+        elif name == "NextContinuationToken":
+            token = child.text
+    return ListPage(objects, token if truncated and token else None)
 
 
 class Body:
@@ -132,29 +179,42 @@ class Getter:
     async def close(self) -> None:
         await self.session.close()
 
-    async def get(self, key: str) -> dict[str, Any]:
-        """What botocore's get_object gives the caller (`ContentLength`, `Body`), or its
-        ClientError for an error answer (404 NoSuchKey, 5xx after one retry, as botocore's
-        standard retries); a failed connection raises ConnectionError (also after one retry)."""
-        path = object_path(self.bucket, key)
+    async def list_page(self, prefix: str, token: str | None, max_keys: int) -> ListPage:
+        """One ListObjectsV2 page (ClientError for an error answer; one retry, as `get`)."""
+        params = {"list-type": "2", "prefix": prefix, "max-keys": str(max_keys)}
+        params["encoding-type"] = "url"  # as botocore asks: any key survives the XML
+        if token:
+            params["continuation-token"] = token
+        path, query = "/" + urllib.parse.quote(self.bucket, safe="~"), canonical_query(params)
+        response = await self._send(path, query, "ListObjectsV2")
+        try:
+            body = await response.read()
+        except aiohttp.ClientError as e:
+            raise ConnectionError(f"ListObjectsV2: {e}") from e
+        finally:
+            response.close()
+        return parse_list_page(body)
+
+    async def _send(self, path: str, query: str, what: str) -> aiohttp.ClientResponse:
+        """A signed GET's answer once it is a 200 (the caller reads and closes it)."""
+        url = self.base + path + (f"?{query}" if query else "")
         for attempt in (1, 2):
             try:
                 response = await self.session.get(
-                    yarl.URL(self.base + path, encoded=True),  # sent as signed, not requoted
-                    headers=self.signer.headers(self.host, path),
+                    yarl.URL(url, encoded=True),  # sent as signed, not requoted
+                    headers=self.signer.headers(self.host, path, query),
                     allow_redirects=False,
                 )
             except aiohttp.ClientError as e:
                 if attempt == 1:
                     continue
-                raise ConnectionError(f"GetObject: {e}") from e
+                raise ConnectionError(f"{what}: {e}") from e
             if response.status == 200:
-                length = response.content_length
-                if length is None:
-                    response.close()
-                    raise ConnectionError("GetObject: no Content-Length in the answer")
-                return {"ContentLength": length, "Body": Body(response)}
-            body = await response.read()  # an error document: a few hundred bytes
+                return response
+            try:
+                body = await response.read()  # an error document: a few hundred bytes
+            except aiohttp.ClientError:
+                body = b""
             response.close()
             if response.status in _RETRY_STATUSES and attempt == 1:
                 continue
@@ -165,6 +225,17 @@ class Getter:
                     "Error": {"Code": code, "Message": body[:200].decode(errors="replace")},
                     "ResponseMetadata": {"HTTPStatusCode": response.status},
                 },
-                "GetObject",
+                what,
             )
         raise AssertionError("unreachable")
+
+    async def get(self, key: str) -> dict[str, Any]:
+        """What botocore's get_object gives the caller (`ContentLength`, `Body`), or its
+        ClientError for an error answer (404 NoSuchKey, 5xx after one retry, as botocore's
+        standard retries); a failed connection raises ConnectionError (also after one retry)."""
+        response = await self._send(object_path(self.bucket, key), "", "GetObject")
+        length = response.content_length
+        if length is None:
+            response.close()
+            raise ConnectionError("GetObject: no Content-Length in the answer")
+        return {"ContentLength": length, "Body": Body(response)}
