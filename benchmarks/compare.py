@@ -121,6 +121,41 @@ http {{
     return f"http://{LOOPBACK}:{port}/store", process
 
 
+def start_proxy(
+    work: Path,
+    name: str,
+    synapse: Synapse,
+    workers: int,
+    *,
+    loop: str = "asyncio",
+    extra_args: list[str] | None = None,
+) -> MediaProxy:
+    """A media-proxy in front of `synapse`, JSON logs, on `loop`."""
+    return MediaProxy(
+        work / name,
+        synapse_config=synapse.config_path,
+        synapse_url=synapse.url,
+        workers=workers,
+        config={"log_format": "json", "event_loop": loop},
+        extra_args=extra_args or [],
+    ).start()
+
+
+def front_nginx(
+    work: Path, name: str, accel: MediaProxy, synapse: Synapse, *, fast_hits: bool
+) -> Nginx:
+    """The shipped nginx site in X-Accel mode (and fast-hit mode) in front of `accel`."""
+    return Nginx(
+        work / name,
+        media_proxy=[f"{LOOPBACK}:{accel.port}"],
+        synapse=f"{LOOPBACK}:{synapse.port}",
+        server_name=synapse.server_name,
+        accel_root=synapse.media_store_path,
+        fast_hits=fast_hits,
+        client_max_body_size="256M",
+    ).start()
+
+
 def family(pid: int) -> dict[int, int]:
     """VmHWM (peak RSS, KiB) of a process and its children."""
     out: dict[int, int] = {}
@@ -302,35 +337,16 @@ def _run(
     def media_proxy(name: str, extra_args: list[str], loop: str = "asyncio") -> MediaProxy:
         port = free_port()
         metrics[name] = f"http://{LOOPBACK}:{port}/metrics"
-        return MediaProxy(
-            work / name,
-            synapse_config=synapse.config_path,
-            synapse_url=synapse.url,
-            workers=args.workers,
-            config={"log_format": "json", "event_loop": loop},
-            extra_args=[*extra_args, "--metrics-listen", f"{LOOPBACK}:{port}"],
-        ).start()
+        listen = ["--metrics-listen", f"{LOOPBACK}:{port}"]
+        return start_proxy(
+            work, name, synapse, args.workers, loop=loop, extra_args=[*extra_args, *listen]
+        )
 
     proxy = media_proxy("proxy", [])
     accel = media_proxy("proxy-accel", ["--accel-redirect", ACCEL_LOCATION])
     other = media_proxy("proxy-uvloop", [], loop="uvloop")
-    nginx = Nginx(
-        work / "nginx-accel",
-        media_proxy=[f"{LOOPBACK}:{accel.port}"],
-        synapse=f"{LOOPBACK}:{synapse.port}",
-        server_name=synapse.server_name,
-        accel_root=synapse.media_store_path,
-        client_max_body_size="256M",
-    ).start()
-    fast = Nginx(
-        work / "nginx-fast",
-        media_proxy=[f"{LOOPBACK}:{accel.port}"],
-        synapse=f"{LOOPBACK}:{synapse.port}",
-        server_name=synapse.server_name,
-        accel_root=synapse.media_store_path,
-        fast_hits=True,
-        client_max_body_size="256M",
-    ).start()
+    nginx = front_nginx(work, "nginx-accel", accel, synapse, fast_hits=False)
+    fast = front_nginx(work, "nginx-fast", accel, synapse, fast_hits=True)
     static_url, static = static_nginx(work / "nginx-static", synapse.media_store_path)
     token = synapse.register_user("bench", "bench-password")
 

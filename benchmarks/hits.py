@@ -21,10 +21,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from benchmarks.compare import ACCEL_LOCATION, static_nginx
-from devstack.nginx import Nginx
-from devstack.procs import LOOPBACK, stop_all
-from devstack.proxy import MediaProxy
+from benchmarks.compare import ACCEL_LOCATION, front_nginx, start_proxy, static_nginx
+from devstack.procs import stop_all
 from devstack.seaweed import SeaweedFS
 from devstack.synapse import Synapse
 from media_proxy import paths
@@ -69,31 +67,17 @@ def main() -> None:
             seaweed = SeaweedFS(work / "s3").start()
             synapse = Synapse(work / "synapse", s3=seaweed.create_bucket("media")).start()
 
-            def media_proxy(name: str, loop: str, extra: list[str]) -> MediaProxy:
-                return MediaProxy(
-                    work / name,
-                    synapse_config=synapse.config_path,
-                    synapse_url=synapse.url,
-                    workers=args.workers,
-                    config={"log_format": "json", "event_loop": loop},
-                    extra_args=extra,
-                ).start()
-
-            proxy = media_proxy("proxy", "asyncio", [])
-            other = media_proxy("proxy-uvloop", "uvloop", [])
-            accel = media_proxy("proxy-accel", "asyncio", ["--accel-redirect", ACCEL_LOCATION])
-
-            def front(name: str, fast_hits: bool) -> Nginx:
-                return Nginx(
-                    work / name,
-                    media_proxy=[f"{LOOPBACK}:{accel.port}"],
-                    synapse=f"{LOOPBACK}:{synapse.port}",
-                    server_name=synapse.server_name,
-                    accel_root=synapse.media_store_path,
-                    fast_hits=fast_hits,
-                ).start()
-
-            x_accel, fast = front("nginx-accel", False), front("nginx-fast", True)
+            proxy = start_proxy(work, "proxy", synapse, args.workers)
+            other = start_proxy(work, "proxy-uvloop", synapse, args.workers, loop="uvloop")
+            accel = start_proxy(
+                work,
+                "proxy-accel",
+                synapse,
+                args.workers,
+                extra_args=["--accel-redirect", ACCEL_LOCATION],
+            )
+            x_accel = front_nginx(work, "nginx-accel", accel, synapse, fast_hits=False)
+            fast = front_nginx(work, "nginx-fast", accel, synapse, fast_hits=True)
             static_url, static = static_nginx(work / "nginx-static", synapse.media_store_path)
             token = synapse.register_user("bench", "bench-password")
             files = {"1 KiB": os.urandom(1024), "20 MiB": os.urandom(20 * 1024 * 1024)}

@@ -277,6 +277,23 @@ def make_app(config: Config) -> web.Application:
     return app
 
 
+def _stop_signals() -> tuple[asyncio.Event, list[str]]:
+    """An event the first stop signal (SIGTERM, SIGINT) sets, and the names of those received.
+    They arrive blocked (see `serve`) and are unblocked once this loop handles them."""
+    loop = asyncio.get_running_loop()
+    stopped = asyncio.Event()
+    received: list[str] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig.name)
+        stopped.set()
+
+    for sig in _STOP_SIGNALS:
+        loop.add_signal_handler(sig, on_signal, sig)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+    return stopped, received
+
+
 def _run_worker(config: Config, *, reuse_port: bool) -> str:
     """Serve until SIGTERM or SIGINT, then shut down once; return the signal's name.
 
@@ -288,17 +305,7 @@ def _run_worker(config: Config, *, reuse_port: bool) -> str:
     """
 
     async def run() -> str:
-        loop = asyncio.get_running_loop()
-        stopped = asyncio.Event()
-        received: list[str] = []
-
-        def on_signal(sig: signal.Signals) -> None:
-            received.append(sig.name)
-            stopped.set()
-
-        for sig in _STOP_SIGNALS:
-            loop.add_signal_handler(sig, on_signal, sig)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        stopped, received = _stop_signals()
         runner = connection.Runner(  # request heads read as Synapse's Twisted does
             make_app(config),
             access_log=None,
@@ -375,17 +382,7 @@ def _run_evictor(config: Config) -> str:
     async def run() -> str:
         assert config.s3 is not None
         structlog.contextvars.bind_contextvars(process="evictor")
-        loop = asyncio.get_running_loop()
-        stopped = asyncio.Event()
-        received: list[str] = []
-
-        def on_signal(sig: signal.Signals) -> None:
-            received.append(sig.name)
-            stopped.set()
-
-        for sig in _STOP_SIGNALS:
-            loop.add_signal_handler(sig, on_signal, sig)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+        stopped, received = _stop_signals()
         s3 = S3(config.s3)
         await s3.start()
         evictor = BackgroundEvictor(config, s3)

@@ -344,6 +344,35 @@ def test_accel_nginx_workers_read_a_private_store(synapse: Synapse, accel_nginx:
         assert {int(u) for u in uids} == {os.geteuid()}
 
 
+def _answers_like_plain_mode(
+    synapse: Synapse,
+    nginx: Nginx,
+    front: Nginx,
+    log: ProxyLog,
+    m: Media,
+    cases: list[tuple[str, str, list[tuple[str, str]]]],
+    token: str,
+    evicted: bool,
+) -> list[tuple[str, str, list[tuple[str, str]], Answer]]:
+    """Each case through `front` answered as through the plain-mode `nginx` (the file put
+    back first; evicted before each request if `evicted`); returns the cases with the
+    answers of `front`."""
+    request(nginx.url, m.client_path(), headers=bearer(token))
+    assert stored_bytes(synapse, m) == m.data  # in the store again
+    answers = []
+    for method, path, headers in cases:
+        if evicted:
+            evict(synapse, m)
+        ours = request(front.url, path, method=method, headers=log.headers(headers))
+        if evicted:
+            evict(synapse, m)
+        plain = request(nginx.url, path, method=method, headers=headers)
+        assert comparable(ours) == comparable(plain), (method, path, headers, ours, plain)
+        assert ours.header("x-accel-redirect") is None
+        answers.append((method, path, headers, ours))
+    return answers
+
+
 @pytest.mark.parametrize("evicted", [False, True], ids=["hit", "miss"])
 @pytest.mark.parametrize("kind", ["png", "html", "text", "svg", "video"])
 def test_accel_mode_answers_like_plain_mode(
@@ -357,18 +386,10 @@ def test_accel_mode_answers_like_plain_mode(
     evicted: bool,
 ) -> None:
     m = media[kind]
-    request(nginx.url, m.client_path(), headers=bearer(user_token))
-    assert stored_bytes(synapse, m) == m.data  # in the store again
     log = ProxyLog(accel_proxy)
-    for method, path, headers in download_cases(m, user_token):
-        if evicted:
-            evict(synapse, m)
-        accel = request(accel_nginx.url, path, method=method, headers=log.headers(headers))
-        if evicted:
-            evict(synapse, m)
-        plain = request(nginx.url, path, method=method, headers=headers)
-        assert comparable(accel) == comparable(plain), (method, path, headers, accel, plain)
-        assert accel.header("x-accel-redirect") is None
+    for method, path, headers, accel in _answers_like_plain_mode(
+        synapse, nginx, accel_nginx, log, m, download_cases(m, user_token), user_token, evicted
+    ):
         if evicted:
             evict(synapse, m)
         theirs = request(synapse.url, path, method=method, headers=headers)
@@ -438,21 +459,12 @@ def test_fast_mode_answers_like_plain_mode(
     evicted: bool,
 ) -> None:
     m = media[kind]
-    request(nginx.url, m.client_path(), headers=bearer(user_token))
-    assert stored_bytes(synapse, m) == m.data  # in the store again
     cases = download_cases(m, user_token)
     if kind == "png":
         cases += thumbnail_cases(m, user_token)
     log = ProxyLog(accel_proxy)
-    for method, path, headers in cases * 2:  # the second round meets nginx's cached yeses
-        if evicted:
-            evict(synapse, m)
-        fast = request(fast_nginx.url, path, method=method, headers=log.headers(headers))
-        if evicted:
-            evict(synapse, m)
-        plain = request(nginx.url, path, method=method, headers=headers)
-        assert comparable(fast) == comparable(plain), (method, path, headers, fast, plain)
-        assert fast.header("x-accel-redirect") is None
+    # twice: the second round meets nginx's cached yeses
+    _answers_like_plain_mode(synapse, nginx, fast_nginx, log, m, cases * 2, user_token, evicted)
     wanted = "s3" if evicted else "cache-accel"
     events = log.until(lambda found: wanted in [e["source"] for e in found])
     events = [e for e in events if e.get("media_id") == m.media_id]
