@@ -163,6 +163,10 @@ class Proxy:
                 response = self._abort(request)
                 return response
             log.exception("request.error", path=request.path)
+            if request.get(DECIDE):  # nginx's question is never Synapse's to answer: a no
+                outcome.source = "proxy"
+                response = web.Response(status=204)
+                return response
             outcome.source = "synapse"
             try:
                 response = await self._synapse().forward(request)
@@ -223,12 +227,13 @@ class Proxy:
             ):
                 return web.Response(status=204)
             try:
-                return await self.pipeline.serve(request, media, outcome) or web.Response(
-                    status=204
-                )
+                answer = await self.pipeline.serve(request, media, outcome)
             except (Undecided, Refused):
+                answer = None
+            if answer is None:
                 outcome.source = "proxy"
                 return web.Response(status=204)
+            return answer
         if media is not None and self.pipeline is not None:
             try:
                 response = await self.pipeline.serve(request, media, outcome)
