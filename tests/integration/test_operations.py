@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -21,6 +22,7 @@ from devstack.proxy import MediaProxy
 from devstack.seaweed import WEED_TMP
 from tests.integration.conftest import TEST_PROXY_CONFIG, tmpfs
 from tests.integration.media import (
+    Media,
     bearer,
     complete_file,
     evict,
@@ -132,6 +134,23 @@ def test_bad_config_is_one_line_and_status_2(synapse: Synapse, tmp_path: Path) -
     ]
 
 
+def media_requests(
+    proxy: MediaProxy, media: Media, count: int, timeout: float = 10.0
+) -> list[dict[str, Any]]:
+    """The proxy's `request` events for `media`, once there are `count` of them (each is
+    logged just after its answer), or as they are when the time is up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = [
+            e
+            for e in proxy.log_events()
+            if e.get("event") == "request" and e.get("media_id") == media.media_id
+        ]
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(0.02)
+
+
 def test_one_log_event_per_request_and_no_secrets(
     synapse: Synapse, proxy: MediaProxy, user_token: str
 ) -> None:
@@ -143,15 +162,8 @@ def test_one_log_event_per_request_and_no_secrets(
     # the fill renames its file into place just after the verified last byte
     assert stored_bytes(synapse, media) == media.data
     request(proxy.url, media.client_path(), headers=bearer(user_token))
-    deadline = time.monotonic() + 10
-    while True:  # each request is logged just after its answer
-        text = proxy.log_path.read_text()
-        lines = text[: text.rfind("\n") + 1].splitlines()
-        events = [json.loads(line) for line in lines if media.media_id in line]
-        requests = [e for e in events if e.get("event") == "request"]
-        if len(requests) >= 2 or time.monotonic() > deadline:
-            break
-        time.sleep(0.02)
+    requests = media_requests(proxy, media, 2)
+    text = proxy.log_path.read_text()
     assert user_token not in text
     assert synapse.s3 is not None and synapse.s3.secret_key not in text
     assert [e["source"] for e in requests] == ["s3", "cache"]
@@ -292,13 +304,8 @@ def test_full_disk_serves_from_s3_uncached(
             request(server.url, small.client_path(), headers=bearer(user_token)).body == small.data
         )
         assert complete_file(tiny_disk / small.rel, len(small.data)) == small.data
-        deadline = time.monotonic() + 10
-        while True:  # each request is logged just after its answer
-            events = server.log_events()
-            sources = [e["source"] for e in events if e.get("media_id") == media.media_id]
-            if len(sources) >= 2 or time.monotonic() > deadline:
-                break
-            time.sleep(0.02)
+        sources = [e["source"] for e in media_requests(server, media, 2)]
+        events = server.log_events()
         assert [e["event"] for e in events].count("cache_fill.no_space") == 1  # once a minute
         assert sources == ["s3-uncached", "s3-uncached"]
     finally:
@@ -334,17 +341,7 @@ def test_separate_cache_path_when_synapse_keeps_no_local_store(
             # the fill renames its file into place just after the verified last byte
             assert complete_file(cache / media.rel, len(media.data)) == media.data
         assert not store_file(synapse, media).exists()
-        deadline = time.monotonic() + 10
-        while True:  # each request is logged just after its answer
-            sources = [
-                e["source"]
-                for e in server.log_events()
-                if e["event"] == "request" and e.get("media_id") == media.media_id
-            ]
-            if len(sources) >= 2 or time.monotonic() > deadline:
-                break
-            time.sleep(0.02)
-        assert sources == ["s3", "cache"]
+        assert [e["source"] for e in media_requests(server, media, 2)] == ["s3", "cache"]
     finally:
         server.stop()
 
