@@ -7,7 +7,9 @@ upload path would write them, `last_access_ts` spread over 60 days, mtimes 3 day
 the same objects in SeaweedFS. Then runs, each as its own process through a fault proxy
 (tests/faults.py) in front of SeaweedFS that counts S3 requests:
 
-- `cache status` (every file joined with the S3 listing);
+- `cache status` (every file joined with the S3 listing), and beside it, as the reference,
+  the S3 server listing the same folder with nothing else running: one page after another,
+  and in ranges several at once as the join lists;
 - `cache upload --dry-run` (the same join; nothing is missing, so nothing is uploaded);
 - `cache evict` freeing a fixed 2,000 files' worth (memory against store size), then one
   freeing 10% of the store; evicted files are written back afterwards (their content is a
@@ -22,6 +24,7 @@ of the same size reuses it.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import concurrent.futures
 import json
 import os
@@ -40,6 +43,9 @@ import yaml
 from devstack.seaweed import SeaweedFS
 from devstack.synapse import Synapse
 from media_proxy import paths
+from media_proxy.config import load
+from media_proxy.inventory import plan_ranges, ranged_pages
+from media_proxy.s3 import S3
 from tests.faults import FaultProxy
 
 BUCKET = "media"
@@ -139,6 +145,32 @@ def vm_hwm(pid: int) -> int:
     return 0
 
 
+def listing_alone(work: Path, config: Path, *, ranged: bool) -> float:
+    """Seconds to list the store's local folder and nothing else: the S3 server's share of
+    `cache status`, one page after another or in ranges as the join lists it."""
+    loaded = load(
+        config_file=config,
+        synapse_config=[work / "synapse" / "homeserver.yaml"],
+        need_synapse_url=False,
+    )
+    assert loaded.s3 is not None
+
+    async def listing() -> int:
+        assert loaded.s3 is not None
+        s3 = S3(loaded.s3)
+        await s3.start()
+        try:
+            seg = "local_content/"
+            bounds = plan_ranges(str(loaded.cache_path), seg) if ranged else []
+            return sum([len(page) async for page in ranged_pages(s3, seg, bounds)])
+        finally:
+            await s3.close()
+
+    started = time.monotonic()
+    asyncio.run(listing())
+    return time.monotonic() - started
+
+
 def restore(work: Path) -> int:
     """Write back the files an eviction removed; returns how many."""
     root = work / "synapse" / "media_store"
@@ -184,6 +216,21 @@ def measure(work: Path, files: int) -> list[dict[str, Any]]:
             return summary
 
         status = one("cache status", "status")
+        for ranged in (False, True):  # the reference: what the S3 server takes to list alone
+            proxy.reset()
+            seconds = listing_alone(work, config, ranged=ranged)
+            row = {
+                "files": files,
+                "command": f"S3 listing alone ({'ranges' if ranged else 'one by one'})",
+                "seconds": round(seconds, 1),
+                "peak_rss_mb": "-",
+                "s3_list": len(proxy.requests),
+                "s3_head": 0,
+                "s3_get": 0,
+                "s3_put": 0,
+            }
+            print(json.dumps(row), flush=True)
+            results.append(row)
         one("cache upload --dry-run", "upload", "--dry-run")
         total = status["bytes"]
         mean = total / status["files"]

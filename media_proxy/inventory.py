@@ -58,6 +58,10 @@ IN_S3: Final = frozenset(
 )
 # Files per chunk of the streamed walk (one batch of database lookups each).
 CHUNK: Final = 2000
+# A segment's listing is cut into ranges of about this many keys (two pages), listed
+# LIST_WINDOW at a time: S3 servers list several ranges at once faster than one.
+RANGE_KEYS: Final = 2000
+LIST_WINDOW: Final = 8
 
 
 @dataclass(slots=True)
@@ -273,13 +277,105 @@ def segment(rel: str) -> str:
     return parts[0] + "/"
 
 
+Entry = tuple[str, int, float]  # a listed object: store path, size, LastModified
+
+
+def range_bounds(seg: str, folders: list[str], keys: int) -> list[str]:
+    """Where a listing of `seg` (whose folder holds `folders`, in key order, and an estimated
+    `keys` files below) is cut so that each range holds about RANGE_KEYS keys: the store
+    path of every k-th folder ("seg/name/"). Ranges only ever start at a folder, so a
+    segment of few folders gets fewer, larger ranges; none when one range is enough."""
+    n = min(len(folders), keys // RANGE_KEYS)
+    if n <= 1:
+        return []
+    step = len(folders) / n
+    return [f"{seg}{folders[int(i * step)]}/" for i in range(1, n)]
+
+
+def _count_files(path: str) -> int:
+    total = 0
+    for name, is_dir in _entries(path):
+        total += _count_files(os.path.join(path, name)) if is_dir else 1
+    return total
+
+
+def plan_ranges(root: str, seg: str) -> list[str]:
+    """range_bounds for `seg` of the store at `root`, the keys estimated from a few of its
+    folders (the first, middle and last): a few hundred directory reads, whatever the
+    store's size. Blocking: run it in a thread."""
+    entries = _entries(os.path.join(root, seg))
+    folders = [name for name, is_dir in entries if is_dir]
+    if len(folders) <= 1:
+        return []
+    picks = sorted({0, len(folders) // 2, len(folders) - 1})
+    per_folder = sum(_count_files(os.path.join(root, seg, folders[i])) for i in picks) / len(picks)
+    return range_bounds(seg, folders, int(per_folder * len(folders)))
+
+
+async def ranged_pages(
+    s3: S3, seg: str, bounds: list[str], *, window: int = LIST_WINDOW, page_size: int = 1000
+) -> AsyncIterator[list[Entry]]:
+    """The listing of `seg` in key order, as pages: the ranges [seg, b1), [b1, b2), ...
+    [bn, end) are listed `window` at a time, each up to two pages ahead of its reader. The
+    same keys as one listing (every key falls in exactly one range), sooner where the S3
+    server answers several requests at once faster than one after another."""
+    starts: list[str | None] = [None, *bounds]
+    ends: list[str | None] = [*bounds, None]
+    running: dict[int, tuple[asyncio.Queue[list[Entry] | Exception | None], asyncio.Task[None]]]
+    running = {}
+
+    async def fill(i: int, queue: asyncio.Queue[list[Entry] | Exception | None]) -> None:
+        lo, hi = starts[i], ends[i]
+        # Keys after "seg/name/": that folder's and on. (Not after "seg/name": SeaweedFS
+        # takes that for the folder and skips all of it.) Keys before `lo` are dropped.
+        pages = aiter(s3.list_pages(seg, page_size=page_size, start_after=lo))
+        try:
+            async for page in pages:
+                if lo is not None:
+                    page = [e for e in page if e[0] >= lo]
+                if hi is not None and page and page[-1][0] >= hi:
+                    await queue.put([e for e in page if e[0] < hi])
+                    break
+                await queue.put(page)
+            await queue.put(None)
+        except Exception as e:  # S3Error and the like: raised in the reader's order
+            await queue.put(e)
+        finally:
+            with contextlib.suppress(RuntimeError):
+                await pages.aclose()  # type: ignore[attr-defined]
+
+    def start(i: int) -> None:
+        queue: asyncio.Queue[list[Entry] | Exception | None] = asyncio.Queue(maxsize=2)
+        running[i] = (queue, asyncio.create_task(fill(i, queue)))
+
+    try:
+        for i in range(min(window, len(starts))):
+            start(i)
+        for i in range(len(starts)):
+            queue, _ = running[i]
+            while (item := await queue.get()) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+            del running[i]
+            if i + window < len(starts):
+                start(i + window)
+    finally:
+        tasks = [task for _, task in running.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
 class ListingJoin:
     """S3's size of each file, from ListObjectsV2 pages (1,000 keys a request) merged with
-    the walk: the files must be asked for in the walk's (key) order. The next page is
-    fetched while this one is used: two pages in memory."""
+    the walk: the files must be asked for in the walk's (key) order. Given the store's
+    `root`, a large segment is listed as ranges, several at once (ranged_pages); pages are
+    fetched ahead of the join, a bounded number."""
 
-    def __init__(self, s3: S3) -> None:
+    def __init__(self, s3: S3, root: str | None = None) -> None:
         self.s3 = s3
+        self.root = root
         self._segment: str | None = None
         self._pages: AsyncIterator[list[tuple[str, int, float]]] | None = None
         self._next: asyncio.Future[list[tuple[str, int, float]]] | None = None
@@ -287,6 +383,7 @@ class ListingJoin:
         self._i = 0
         self._last = ""
         self.pages = 0
+        self.ranges = 0
 
     def _fetch(self) -> None:
         assert self._pages is not None
@@ -298,7 +395,9 @@ class ListingJoin:
         if seg != self._segment:
             await self.close()
             self._segment, self._page, self._i, self._last = seg, [], 0, ""
-            self._pages = aiter(self.s3.list_pages(seg))
+            bounds = await asyncio.to_thread(plan_ranges, self.root, seg) if self.root else []
+            self.ranges += len(bounds) + 1
+            self._pages = aiter(ranged_pages(self.s3, seg, bounds))
             self._fetch()
         while True:
             while self._i < len(self._page):

@@ -282,17 +282,21 @@ class S3:
     # The media lifecycle (lifecycle.py): listing pages with dates, batched deletes.
 
     async def list_pages(
-        self, rel_prefix: str = "", *, page_size: int = 1000
+        self, rel_prefix: str = "", *, page_size: int = 1000, start_after: str | None = None
     ) -> AsyncIterator[list[tuple[str, int, float]]]:
         """Pages of (store path, size, LastModified as epoch seconds) under `prefix +
-        rel_prefix`, in the listing's (key) order: one ListObjectsV2 call per page."""
+        rel_prefix`, in the listing's (key) order, from after the store path `start_after`
+        on: one ListObjectsV2 call per page."""
         prefix = self.key(rel_prefix)
+        after = self.key(start_after) if start_after else None
         cut = len(self.config.prefix)
         token: str | None = None
         if self._getter is not None:  # without botocore's parser: most of a page's CPU
             while True:
                 lean = await self._call(
-                    "ListObjectsV2", prefix, self._getter.list_page(prefix, token, page_size)
+                    "ListObjectsV2",
+                    prefix,
+                    self._getter.list_page(prefix, token, page_size, after),
                 )
                 yield [(key[cut:], size, modified) for key, size, modified in lean.objects]
                 if lean.next_token is None:
@@ -300,6 +304,8 @@ class S3:
                 token = lean.next_token
         while True:
             extra = {"ContinuationToken": token} if token else {}
+            if after and not token:
+                extra["StartAfter"] = after
             page = await self._call(
                 "ListObjectsV2",
                 prefix,

@@ -181,12 +181,16 @@ class Getter:
     async def close(self) -> None:
         await self.session.close()
 
-    async def list_page(self, prefix: str, token: str | None, max_keys: int) -> ListPage:
+    async def list_page(
+        self, prefix: str, token: str | None, max_keys: int, start_after: str | None = None
+    ) -> ListPage:
         """One ListObjectsV2 page (ClientError for an error answer; one retry, as `get`)."""
         params = {"list-type": "2", "prefix": prefix, "max-keys": str(max_keys)}
         params["encoding-type"] = "url"  # as botocore asks: any key survives the XML
         if token:
             params["continuation-token"] = token
+        elif start_after:  # the token carries the position once there is one
+            params["start-after"] = start_after
         path, query = "/" + urllib.parse.quote(self.bucket, safe="~"), canonical_query(params)
         response = await self._send(path, query, "ListObjectsV2")
         try:

@@ -66,9 +66,9 @@ class _Coverage:
     walk (ListObjectsV2, no HeadObject). Sampled: a reservoir of `sample` files (memory
     bounded by the sample), each then asked with HeadObject."""
 
-    def __init__(self, s3: S3, sample: int | None) -> None:
+    def __init__(self, s3: S3, sample: int | None, root: str) -> None:
         self.s3, self.sample = s3, sample
-        self.listing = ListingJoin(s3)
+        self.listing = ListingJoin(s3, root)
         self.counts = {"held": 0, "held_bytes": 0, "missing": 0, "other_size": 0, "errors": 0}
         self.checked_files = self.checked_bytes = self.eligible_files = self.eligible_bytes = 0
         self.reservoir: list[CachedFile] = []
@@ -137,7 +137,9 @@ async def status(
         files = total = 0
         oldest: float | None = None
         newest: float | None = None
-        coverage = _Coverage(parts.s3, sample) if check_s3 and parts.s3 is not None else None
+        coverage = None
+        if check_s3 and parts.s3 is not None:
+            coverage = _Coverage(parts.s3, sample, parts.root)
         progress = Progress("cache_status", 0, 0)
         try:
             async for chunk in chunks(parts.root, parts.db):

@@ -103,7 +103,7 @@ class Uploader:
         summary = Summary("would upload" if self.dry_run else "uploaded")
         started = time.monotonic()
         progress = Progress("cache_upload", 0, 0)
-        listing = ListingJoin(self.s3)
+        listing = ListingJoin(self.s3, self.root)
         sem = asyncio.Semaphore(max(1, self.concurrency))
 
         async def one(f: CachedFile, s3_size: int | None) -> None:

@@ -9,7 +9,15 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 from media_proxy.evict import select_oldest
-from media_proxy.inventory import CachedFile, Kind, iter_walk, segment
+from media_proxy.inventory import (
+    RANGE_KEYS,
+    CachedFile,
+    Kind,
+    iter_walk,
+    plan_ranges,
+    range_bounds,
+    segment,
+)
 
 
 def _touch(root: Path, rel: str) -> None:
@@ -102,3 +110,29 @@ def test_select_memory_follows_the_work_not_the_store() -> None:
     small, large = peak(10_000), peak(200_000)
     # 20 times the store, about the same memory (one chunk and the 50 kept files).
     assert large < 1.5 * small, (small, large)
+
+
+def test_a_large_segment_is_cut_into_ranges_at_its_folders() -> None:
+    folders = [f"{a}{b}" for a in "ABab" for b in "xyz"]  # 12 folders, in key order
+    seg = "local_content/"
+    # One range is enough below two ranges' worth of keys.
+    assert range_bounds(seg, folders, RANGE_KEYS * 2 - 1) == []
+    assert range_bounds(seg, folders[:1], RANGE_KEYS * 100) == []
+    bounds = range_bounds(seg, folders, RANGE_KEYS * 4)
+    assert len(bounds) == 3  # four ranges, the first from the segment's start
+    assert bounds == sorted(bounds) and len(set(bounds)) == 3
+    assert all(b.startswith(seg) and b.endswith("/") for b in bounds)
+    assert all(b[len(seg) : -1] in folders for b in bounds)
+    # Never more ranges than folders: ranges only start at a folder.
+    assert len(range_bounds(seg, folders, RANGE_KEYS * 1000)) == len(folders) - 1
+
+
+def test_ranges_are_planned_from_a_sample_of_the_store(tmp_path: Path) -> None:
+    # 40 folders of 150 files each: about 6,000 keys, so three ranges.
+    for i in range(40):
+        for j in range(150):
+            _touch(tmp_path, f"local_content/{i:02d}/{j:02d}/x")
+    bounds = plan_ranges(str(tmp_path), "local_content/")
+    assert len(bounds) == 6000 // RANGE_KEYS - 1
+    assert bounds == sorted(bounds)
+    assert plan_ranges(str(tmp_path), "remote_content/none/") == []
