@@ -17,11 +17,15 @@ A miss evicts the file from the store before its request (bench's `miss` mode). 
 the row's key figure over the limit's for the same case (req/s for small hits, MB/s for big
 files, TTFB for small misses: below 1 is slower). S3 GETs of the proxies are the GetObject
 calls their metrics endpoint (`--metrics-listen`) counted during the row.
-Peak RSS is each process's VmHWM at the end of the run. The client is one Python process
+Peak RSS is each process's VmHWM at the end of the run. "CPU ms/req" is the user and system
+CPU the row's server (its processes and their children: for the proxies behind nginx, both)
+spent per request, "S3 CPU" SeaweedFS's: on 2 cores shared with the client, a row can go no
+faster than its processes' CPU allows, whatever the design. The client is one Python process
 sharing the machine with every server: small-file figures are bounded by it, so compare the
 rows of one run, not runs with each other.
 
     .venv/bin/python -m benchmarks.compare [--seconds 3] [--workers 2] [--json]
+        [--case "miss 20 MiB"] [--server media-proxy]   (a part of the table)
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from media_proxy.bench import Mode, Options, Planner, Target
 from media_proxy.config import load
 
 KiB, MiB = 1024, 1024 * 1024
+S3_PIDS: tuple[int, ...] = ()  # SeaweedFS, once started
 ACCEL_LOCATION = "/_media_proxy_cache/"
 
 
@@ -82,6 +87,7 @@ class Server:
     proxy: MediaProxy | None = None  # whose log counts the S3 GETs
     metrics_url: str | None = None
     presign: Any = None  # S3 direct: target -> presigned URL
+    pids: tuple[int, ...] = ()  # the processes (with their children) whose CPU the row counts
 
 
 def static_nginx(prefix: Path, store: Path) -> tuple[str, ManagedProcess]:
@@ -173,6 +179,23 @@ def family(pid: int) -> dict[int, int]:
     return out
 
 
+def cpu_seconds(pids: tuple[int, ...]) -> float:
+    """User and system CPU seconds of these processes and their children so far."""
+    ticks = 0
+    for pid in pids:
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            children = []
+        for p in [pid, *map(int, children)]:
+            try:
+                fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def settle(store: Path, timeout: float = 30.0) -> None:
     """Wait until no fill is running, so a row never inherits the previous row's fills."""
     fill_dir = store / paths.FILL_DIR
@@ -239,7 +262,17 @@ async def run_case(
     )
     planner = Planner(mode, chosen, chosen if mode == "miss" else (), seed=1)
     offset = log_offset(server.proxy)
+    cpu, s3_cpu = cpu_seconds(server.pids), cpu_seconds(S3_PIDS)
     report = await bench.run(options, planner)
+    if report["requests"]:
+        # CPU per request: the server's own processes, and SeaweedFS's (for S3 direct, the
+        # same processes): on 2 shared cores their sum bounds what a row can reach.
+        report["cpu_ms_per_request"] = round(
+            1000 * (cpu_seconds(server.pids) - cpu) / report["requests"], 2
+        )
+        report["s3_cpu_ms_per_request"] = round(
+            1000 * (cpu_seconds(S3_PIDS) - s3_cpu) / report["requests"], 2
+        )
     events = events_since(server.proxy, offset) if server.proxy is not None else []
     if server.presign is not None:
         report["s3_gets"] = report["requests"]
@@ -269,6 +302,7 @@ def print_table(rows: list[tuple[Case, str, dict[str, Any], str]]) -> None:
     head = (
         f"{'case':30} {'server':30} {'req/s':>8} {'MB/s':>8} {'p50 ms':>8} {'p99 ms':>8}"
         f" {'TTFB p50':>9} {'max ms':>8} {'errors':>6} {'S3 GETs':>9} {'x limit':>7}"
+        f" {'CPU ms/req':>10} {'S3 CPU':>7}"
     )
     print(head)
     print("-" * len(head))
@@ -285,6 +319,7 @@ def print_table(rows: list[tuple[Case, str, dict[str, Any], str]]) -> None:
             f" {r['latency_ms']['p50']:8.2f} {r['latency_ms']['p99']:8.2f}"
             f" {r['ttfb_ms']['p50']:9.2f} {r['latency_ms']['max']:8.1f} {errors:6}"
             f" {r['s3_gets']!s:>9} {x:>7}"
+            f" {r.get('cpu_ms_per_request', '-')!s:>10} {r.get('s3_cpu_ms_per_request', '-')!s:>7}"
         )
 
 
@@ -293,6 +328,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=3.0, help="per timed row (default 3)")
     parser.add_argument("--workers", type=int, default=2, help="media-proxy workers (default 2)")
     parser.add_argument("--json", action="store_true", help="every report as JSON lines")
+    parser.add_argument(
+        "--case", action="append", help="only cases whose name contains this (repeatable)"
+    )
+    parser.add_argument(
+        "--server",
+        action="append",
+        help="only servers whose name contains this (repeatable; the limits always run)",
+    )
     args = parser.parse_args()
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="compare-") as tmp:
@@ -328,8 +371,11 @@ def main() -> None:
 def _run(
     work: Path, args: argparse.Namespace
 ) -> tuple[list[tuple[Case, str, dict[str, Any], str]], dict[str, dict[int, int]]]:
+    global S3_PIDS
     seaweed = SeaweedFS(work / "s3").start()
     s3 = seaweed.create_bucket("media")
+    assert seaweed.process is not None
+    S3_PIDS = (seaweed.process.pid,)
     synapse = Synapse(work / "synapse", s3=s3).start()
 
     metrics: dict[str, str] = {}
@@ -372,18 +418,48 @@ def _run(
     assert fast.process
     store = synapse.media_store_path
     servers = {
-        "nginx static": Server("nginx static", static_url, "store", None),
-        "S3 direct": Server("S3 direct", s3.endpoint_url, "store", None, presign=presign),
-        "Synapse": Server("Synapse", synapse.url, "client", token, evict=store),
-        "media-proxy": Server("media-proxy", proxy.url, "client", token, evict=store, proxy=proxy),
+        "nginx static": Server("nginx static", static_url, "store", None, pids=(static.pid,)),
+        "S3 direct": Server(
+            "S3 direct", s3.endpoint_url, "store", None, presign=presign, pids=S3_PIDS
+        ),
+        "Synapse": Server(
+            "Synapse", synapse.url, "client", token, evict=store, pids=(synapse.process.pid,)
+        ),
+        "media-proxy": Server(
+            "media-proxy",
+            proxy.url,
+            "client",
+            token,
+            evict=store,
+            proxy=proxy,
+            pids=(proxy.process.pid,),
+        ),
         "media-proxy (uvloop)": Server(
-            "media-proxy (uvloop)", other.url, "client", token, evict=store, proxy=other
+            "media-proxy (uvloop)",
+            other.url,
+            "client",
+            token,
+            evict=store,
+            proxy=other,
+            pids=(other.process.pid,),
         ),
         "media-proxy + nginx X-Accel": Server(
-            "media-proxy + nginx X-Accel", nginx.url, "client", token, evict=store, proxy=accel
+            "media-proxy + nginx X-Accel",
+            nginx.url,
+            "client",
+            token,
+            evict=store,
+            proxy=accel,
+            pids=(accel.process.pid, nginx.process.pid),
         ),
         "media-proxy + nginx fast hits": Server(
-            "media-proxy + nginx fast hits", fast.url, "client", token, evict=store, proxy=accel
+            "media-proxy + nginx fast hits",
+            fast.url,
+            "client",
+            token,
+            evict=store,
+            proxy=accel,
+            pids=(accel.process.pid, fast.process.pid),
         ),
     }
     servers["media-proxy"].metrics_url = metrics["proxy"]
@@ -395,10 +471,14 @@ def _run(
         rows = []
         for cases, limit_name in ((HITS, "nginx static"), (MISSES, "S3 direct")):
             for case in cases:
+                if args.case and not any(c in case.name for c in args.case):
+                    continue
                 limit = await run_case(servers[limit_name], case, targets, args.seconds)
                 rows.append((case, limit_name, limit, "1.00" if limit else "-"))
                 for name, server in servers.items():
                     if name in ("nginx static", "S3 direct"):
+                        continue
+                    if args.server and not any(n in name for n in args.server):
                         continue
                     report = await run_case(server, case, targets, args.seconds)
                     rows.append((case, name, report, ratio(case, report, limit)))

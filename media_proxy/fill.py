@@ -43,6 +43,10 @@ log = structlog.get_logger(__name__)
 HOLDBACK: Final = 1
 # Chunks up to this size are written and hashed on the loop: a thread hop costs more.
 _INLINE_WRITE_MAX: Final = 64 * 1024
+# Larger fills are hashed beside their writes, in a thread reading back what is written,
+# this much at a time: the S3 stream never waits for the hash, nor keeps chunks for it.
+_HASH_PIECE: Final = 1024 * 1024
+_HASH_INLINE_MAX: Final = 256 * 1024
 # After a write into the cache failed, misses stream uncached this long before trying again.
 _DISK_RETRY_S: Final = 30.0
 _FOLLOW_POLL_MIN: Final = 0.002
@@ -200,15 +204,71 @@ def reserve(fd: int, length: int) -> None:
             raise OSError(err, os.strerror(err))
 
 
-def _write_at(fd: int, data: bytes, offset: int, hasher: Any = None) -> None:
-    """pwrite, never write: sendfile on the shared descriptor moves its file position.
-    Hashes the chunk too, so one thread hop does both."""
-    if hasher is not None:
-        hasher.update(data)
+def _write_at(fd: int, data: bytes, offset: int) -> None:
+    """pwrite, never write: sendfile on the shared descriptor moves its file position."""
     view = memoryview(data)
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
+
+
+def _hash_range(fd: int, hasher: Any, start: int, end: int) -> None:
+    """Hash bytes [start, end) of the fill file, read back from the page cache, then close
+    `fd` (the caller's duplicate: the fill's own descriptor may be closed meanwhile).
+    Blocking: run it in a thread (hashlib lets go of the GIL)."""
+    try:
+        while start < end:
+            data = os.pread(fd, min(_HASH_PIECE, end - start), start)
+            if not data:
+                raise OSError(errno.EIO, "the fill file is shorter than what was written")
+            hasher.update(data)
+            start += len(data)
+    finally:
+        os.close(fd)
+
+
+class _HashBehind:
+    """A fill's sha256, kept up with its writes. A small fill's chunks are hashed as they
+    come, on the loop (a thread hop would cost more than the hash); a larger fill's written
+    bytes are hashed in a thread beside the stream, one range at a time, each range all that
+    was written since the last: only the held-back last byte waits for the hash."""
+
+    def __init__(self, fd: int, hasher: Any, length: int) -> None:
+        self.fd, self.hasher = fd, hasher
+        self.inline = length <= _HASH_INLINE_MAX
+        self.hashed = 0
+        self.running: asyncio.Future[None] | None = None
+
+    def after(self, chunk: bytes, offset: int) -> None:
+        """`chunk` has just been written at `offset`."""
+        if self.inline:
+            self.hasher.update(chunk)
+            self.hashed += len(chunk)
+            return
+        if self.running is not None:
+            if not self.running.done():
+                return  # the next range starts once this one is hashed
+            self.running.result()  # the thread's error, if any
+        end = offset + len(chunk)
+        self.running = self._range(end)
+
+    def _range(self, end: int) -> asyncio.Future[None]:
+        # A duplicate descriptor, closed by the thread: the fill's own may close before a
+        # failed fill's last range is hashed.
+        start, self.hashed = self.hashed, end
+        running = asyncio.ensure_future(
+            asyncio.to_thread(_hash_range, os.dup(self.fd), self.hasher, start, end)
+        )
+        running.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved
+        return running
+
+    async def finish(self, end: int) -> None:
+        """Return once bytes [0, end) are hashed; OSError if they could not be read back."""
+        if self.running is not None:
+            await self.running
+            self.running = None
+        if self.hashed < end:
+            await self._range(end)
 
 
 def _rename_into_place(src: str, dst: str) -> None:
@@ -523,25 +583,33 @@ class Filler:
             if obj.length != fill.length:
                 raise FillUnavailable(f"S3 holds {obj.length} bytes, the database {fill.length}")
             hasher = hashlib.sha256() if sha256 else None
+            hashing = _HashBehind(fill.fd, hasher, fill.length)
             written = 0
             async for chunk in obj.chunks(self.chunk_size):
                 if written + len(chunk) > fill.length:
                     raise FillFailed("S3 sent more bytes than it announced")
                 try:
                     if len(chunk) <= _INLINE_WRITE_MAX:
-                        _write_at(fill.fd, chunk, written, hasher)
-                    else:  # hashing and writing a large chunk would stall other requests
-                        await asyncio.to_thread(_write_at, fill.fd, chunk, written, hasher)
+                        _write_at(fill.fd, chunk, written)
+                    else:  # writing a large chunk would stall other requests
+                        await asyncio.to_thread(_write_at, fill.fd, chunk, written)
                 except OSError as e:
                     raise self._disk_failed(fill, e, promised=written > 0) from e
+                if hasher is not None:
+                    hashing.after(chunk, written)
                 written += len(chunk)
                 fill.publish(written)
                 fill.started()  # clients get headers once the disk took the first bytes
             fill.started()  # an empty file
             if written != fill.length:
                 raise FillFailed(f"S3 body ended after {written} of {fill.length} bytes")
-            if hasher is not None and sha256 is not None and hasher.hexdigest() != sha256.lower():
-                raise FillFailed("sha256 of the S3 object differs from the database's")
+            if hasher is not None and sha256 is not None:
+                try:
+                    await hashing.finish(written)
+                except OSError as e:
+                    raise self._disk_failed(fill, e, promised=True) from e
+                if hasher.hexdigest() != sha256.lower():
+                    raise FillFailed("sha256 of the S3 object differs from the database's")
             fill.verify()
             self._free_slot(fill.rel)  # the caps count S3 streams, not fsyncs
             try:
