@@ -257,10 +257,10 @@ def main() -> None:
     rows = []
     for files in args.files or [100_000]:
         rows += measure(args.dir / str(files), files)
-    print(f"{'files':>9} {'command':32} {'s':>7} {'RSS MB':>7} {'LIST':>6} {'HEAD':>7} {'GET':>6}")
+    print(f"{'files':>9} {'command':40} {'s':>7} {'RSS MB':>7} {'LIST':>6} {'HEAD':>7} {'GET':>6}")
     for r in rows:
         print(
-            f"{r['files']:>9} {r['command']:32} {r['seconds']:>7} {r['peak_rss_mb']:>7}"
+            f"{r['files']:>9} {r['command']:40} {r['seconds']:>7} {r['peak_rss_mb']:>7}"
             f" {r['s3_list']:>6} {r['s3_head']:>7} {r['s3_get']:>6}"
         )
 
