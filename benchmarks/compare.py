@@ -162,14 +162,20 @@ def front_nginx(
     ).start()
 
 
-def family(pid: int) -> dict[int, int]:
-    """VmHWM (peak RSS, KiB) of a process and its children."""
-    out: dict[int, int] = {}
+def with_children(pid: int) -> list[int]:
+    """A process and its children (the proxy's supervisor and workers, nginx's master and
+    workers)."""
     try:
         children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
     except OSError:
         children = []
-    for p in [pid, *map(int, children)]:
+    return [pid, *map(int, children)]
+
+
+def family(pid: int) -> dict[int, int]:
+    """VmHWM (peak RSS, KiB) of a process and its children."""
+    out: dict[int, int] = {}
+    for p in with_children(pid):
         try:
             for line in Path(f"/proc/{p}/status").read_text().splitlines():
                 if line.startswith("VmHWM:"):
@@ -182,17 +188,12 @@ def family(pid: int) -> dict[int, int]:
 def cpu_seconds(pids: tuple[int, ...]) -> float:
     """User and system CPU seconds of these processes and their children so far."""
     ticks = 0
-    for pid in pids:
+    for p in (p for pid in pids for p in with_children(pid)):
         try:
-            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
-            children = []
-        for p in [pid, *map(int, children)]:
-            try:
-                fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            ticks += int(fields[11]) + int(fields[12])
+            continue
+        ticks += int(fields[11]) + int(fields[12])
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
