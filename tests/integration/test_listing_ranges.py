@@ -8,6 +8,8 @@ byte order, and the join's order check rejects that listing whether cut or not.)
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import math
 import random
 import uuid
 from collections.abc import Iterator
@@ -19,6 +21,7 @@ from devstack.seaweed import SeaweedFS
 from media_proxy.config import S3Config
 from media_proxy.inventory import RANGE_KEYS, ListingJoin, range_bounds, ranged_pages
 from media_proxy.s3 import S3
+from tests.faults import FaultProxy
 
 pytestmark = pytest.mark.integration
 
@@ -58,31 +61,53 @@ def listed(seaweed: SeaweedFS) -> Iterator[tuple[S3Config, list[str]]]:
             client.delete_object(Bucket=bucket.bucket, Key=prefix + rel)
 
 
-async def _both(config: S3Config, window: int, page_size: int) -> tuple[list[str], list[str]]:
+async def _both(
+    config: S3Config, window: int, page_size: int, counted: FaultProxy
+) -> tuple[list[str], list[str], int]:
+    """The keys listed in ranges, in one listing, and the ranged listing's requests."""
     s3 = S3(config)
     await s3.start()
+    # "auto" addressing is botocore's to sign and parse: both paths send StartAfter.
+    assert (s3._getter is None) == (config.addressing_style == "auto")
     try:
         bounds = range_bounds(SEG, FOLDERS, RANGE_KEYS * 100)
         assert len(bounds) == len(FOLDERS) - 1
+        counted.reset()
         ranged = [
             key
             async for page in ranged_pages(s3, SEG, bounds, window=window, page_size=page_size)
             for key, _, _ in page
         ]
+        requests = sum(1 for r in counted.requests if "list-type=2" in r.path)
         whole = [key async for page in s3.list_pages(SEG) for key, _, _ in page]
-        return ranged, whole
+        return ranged, whole, requests
     finally:
         await s3.close()
 
 
-@pytest.mark.parametrize(("window", "page_size"), [(1, 1000), (2, 3), (8, 2), (32, 1)])
+@pytest.mark.parametrize(
+    ("window", "page_size", "addressing"),
+    [(1, 1000, "path"), (2, 3, "path"), (8, 2, "path"), (32, 1, "path"), (2, 3, "auto")],
+)
 def test_ranges_list_what_one_listing_lists(
-    listed: tuple[S3Config, list[str]], window: int, page_size: int
+    listed: tuple[S3Config, list[str]],
+    s3_proxy: FaultProxy,
+    window: int,
+    page_size: int,
+    addressing: str,
 ) -> None:
     config, rels = listed
-    ranged, whole = asyncio.run(_both(config, window, page_size))
+    config = dataclasses.replace(
+        config,
+        addressing_style=addressing,  # type: ignore[arg-type]
+        endpoint_url=s3_proxy.url,  # which counts the requests
+    )
+    ranged, whole, requests = asyncio.run(_both(config, window, page_size, s3_proxy))
     assert whole == [r for r in rels if r.startswith(SEG)]
     assert ranged == whole
+    # Each range starts where it begins (StartAfter), not at the segment's start: its pages
+    # hold its own keys, and at most one more page each (the one that crosses its end).
+    assert requests <= math.ceil(len(whole) / page_size) + len(FOLDERS)
 
 
 def test_the_join_finds_each_file_s_size_through_ranges(
