@@ -4,6 +4,7 @@ same request, same instant, same Authorization), and is used only where it can."
 from __future__ import annotations
 
 import datetime
+import urllib.parse
 
 import botocore.auth
 import botocore.awsrequest
@@ -157,3 +158,71 @@ def test_listing_is_read_as_botocore_reads_it() -> None:
 def test_last_page_has_no_token() -> None:
     last = LISTING.replace(b"<IsTruncated>true", b"<IsTruncated>false")
     assert s3get.parse_list_page(last).next_token is None
+
+
+XML_CHARS = st.characters(codec="utf-8", exclude_categories=("Cs", "Cc", "Cn"))
+
+
+def _xml_text(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+@st.composite
+def listing_pages(draw: st.DrawFn) -> tuple[bytes, bool]:
+    """ListObjectsV2 pages as servers write them, and in shapes they could: URL-encoded or
+    XML-escaped keys, fields in any order, extra fields, whitespace between elements, the
+    request's token echoed, a page that ends or goes on."""
+    space = draw(st.sampled_from(["", "\n", "\n  "]))
+    entries = []
+    plain = True  # every key URL-encoded, as asked: the shape read without a full parse
+    for _ in range(draw(st.integers(0, 6))):
+        encoded = draw(st.booleans())
+        # Raw keys only where XML 1.0 can carry them (why clients ask for URL-encoded ones).
+        chars = KEY_CHARS if encoded else XML_CHARS
+        key = draw(st.text(chars, min_size=1, max_size=30))
+        key_xml = urllib.parse.quote_plus(key, safe="/") if encoded else _xml_text(key)
+        plain = plain and "&" not in key_xml
+        stamp = draw(st.sampled_from(["2026-11-30T10:11:12.000Z", "2026-11-30T10:11:13Z"]))
+        fields = [
+            f"<Key>{key_xml}</Key>",
+            f"<LastModified>{stamp}</LastModified>",
+            f"<Size>{draw(st.integers(0, 10**12))}</Size>",
+        ]
+        fields += draw(
+            st.lists(
+                st.sampled_from(
+                    [
+                        "<ETag>&quot;9b2cf535f27731c974343645a3985328&quot;</ETag>",
+                        "<StorageClass>STANDARD</StorageClass>",
+                        "<Owner><ID>x</ID><DisplayName>y</DisplayName></Owner>",
+                    ]
+                ),
+                unique=True,
+            )
+        )
+        order = draw(st.permutations(fields))
+        entries.append("<Contents>" + space.join(order) + "</Contents>")
+    head = [
+        "<Name>media</Name>",
+        f"<IsTruncated>{draw(st.sampled_from(['true', 'false']))}</IsTruncated>",
+    ]
+    if draw(st.booleans()):
+        head.append("<ContinuationToken>earlier+/=</ContinuationToken>")
+    if draw(st.booleans()):
+        head.append("<NextContinuationToken>tok/en+=</NextContinuationToken>")
+    parts = [*head, *entries] if draw(st.booleans()) else [*entries, *head]
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        '<ListBucketResult xmlns="http://s3.amazonaws.com/doc/2006-03-01/">'
+        + space.join(parts)
+        + "</ListBucketResult>"
+    )
+    return body.encode(), plain
+
+
+@given(drawn=listing_pages())
+def test_a_listing_page_is_read_as_a_full_xml_parse_reads_it(drawn: tuple[bytes, bool]) -> None:
+    page, plain = drawn
+    assert s3get.parse_list_page(page) == s3get.parse_list_page_tree(page)
+    if plain:  # read without the full parse
+        assert s3get.parse_plain_list_page(page) == s3get.parse_list_page_tree(page)
