@@ -331,8 +331,9 @@ async def ranged_pages(
         pages = aiter(s3.list_pages(seg, page_size=page_size, start_after=lo))
         try:
             async for page in pages:
-                if lo is not None:
+                if lo is not None:  # only a range's first page can hold keys before it
                     page = [e for e in page if e[0] >= lo]
+                    lo = None
                 if hi is not None and page and page[-1][0] >= hi:
                     await queue.put([e for e in page if e[0] < hi])
                     break
