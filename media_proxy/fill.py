@@ -593,10 +593,10 @@ class Filler:
                         _write_at(fill.fd, chunk, written)
                     else:  # writing a large chunk would stall other requests
                         await asyncio.to_thread(_write_at, fill.fd, chunk, written)
+                    if hasher is not None:
+                        hashing.after(chunk, written)  # a failed read-back is the disk's too
                 except OSError as e:
                     raise self._disk_failed(fill, e, promised=written > 0) from e
-                if hasher is not None:
-                    hashing.after(chunk, written)
                 written += len(chunk)
                 fill.publish(written)
                 fill.started()  # clients get headers once the disk took the first bytes
