@@ -45,7 +45,7 @@ HOLDBACK: Final = 1
 _INLINE_WRITE_MAX: Final = 64 * 1024
 # Larger fills are hashed beside their writes, in a thread reading back what is written,
 # this much at a time: the S3 stream never waits for the hash, nor keeps chunks for it.
-_HASH_PIECE: Final = 1024 * 1024
+_HASH_PIECE: Final = 256 * 1024
 _HASH_INLINE_MAX: Final = 256 * 1024
 # After a write into the cache failed, misses stream uncached this long before trying again.
 _DISK_RETRY_S: Final = 30.0
