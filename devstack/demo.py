@@ -37,7 +37,7 @@ from devstack.procs import (
 )
 from devstack.proxy import MediaProxy
 from devstack.samples import Sample, samples
-from devstack.seaweed import SeaweedFS
+from devstack.seaweed import SeaweedFS, grpc_sockets_of, remove_stale_sockets
 from devstack.synapse import Synapse, local_content_key
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -250,6 +250,7 @@ class Parts:
     def stop_leftovers(self) -> None:
         for name, pid in reversed(self.alive().items()):
             say(f"    stopping {name} (pid {pid}) left over by an earlier run")
+            sockets = grpc_sockets_of(pid)  # weed leaves these in /tmp when signalled
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
             deadline = time.monotonic() + 10
@@ -258,6 +259,10 @@ class Parts:
             if self._ours(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+                deadline = time.monotonic() + 5
+                while self._ours(pid) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+            remove_stale_sockets(sockets)
         self.path.unlink(missing_ok=True)
 
 

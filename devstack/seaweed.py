@@ -190,10 +190,7 @@ class SeaweedFS(Part):
     def stop(self) -> None:
         """Stop weed (idempotent) and remove the sockets it left outside its work dir."""
         super().stop()
-        for path in self.grpc_sockets():
-            if _stale_socket(path):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
+        remove_stale_sockets(self.grpc_sockets())
         if self.socket_dir != self.workdir:
             shutil.rmtree(self.socket_dir, ignore_errors=True)
 
@@ -239,6 +236,32 @@ class SeaweedFS(Part):
             secret_key=self.secret_key,
             region=self.region,
         )
+
+
+def grpc_sockets_of(pid: int) -> list[Path]:
+    """The /tmp sockets of a running ``weed server`` by its PID, from the gRPC ports on its
+    command line: what a process stopping another run's weed (not its SeaweedFS object)
+    removes afterwards. Empty for any other process."""
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+    if not argv or not argv[0].endswith("weed") or "server" not in argv:
+        return []
+    found = []
+    for arg in argv:
+        name, _, port = arg.lstrip("-").partition(".port.grpc=")
+        if port.isdigit() and name in ("master", "volume", "filer", "s3"):
+            found.append(WEED_TMP / f"seaweedfs-{name}-grpc-{port}.sock")
+    return found
+
+
+def remove_stale_sockets(paths: list[Path]) -> None:
+    """Remove those of `paths` that nobody listens on."""
+    for path in paths:
+        if _stale_socket(path):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
 
 def _stale_socket(path: Path) -> bool:

@@ -25,6 +25,7 @@ import pytest
 
 from devstack.demo import PASSWORD, USER, Parts
 from devstack.samples import bouncing_square, samples
+from devstack.seaweed import grpc_sockets_of
 from tests.integration.media import request
 
 pytestmark = pytest.mark.integration
@@ -185,6 +186,8 @@ def test_demo_rerun_stops_parts_left_by_a_killed_run(tmp_path: Path) -> None:
         proc.wait()
         left = processes_naming(work)
         assert left, "the parts should have outlived a SIGKILLed demo"
+        weed_sockets = [path for pid in left for path in grpc_sockets_of(pid)]
+        assert weed_sockets and all(path.exists() for path in weed_sockets)
         done = subprocess.run(
             [*DEMO, "--once", "--workdir", str(work)],
             cwd=REPO,
@@ -195,6 +198,8 @@ def test_demo_rerun_stops_parts_left_by_a_killed_run(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stdout + done.stderr
         assert "left over by an earlier run" in done.stdout
         assert wait_gone(work) == []
+        # Nor does it leave the killed run's SeaweedFS sockets in /tmp.
+        assert [path for path in weed_sockets if path.exists()] == []
     finally:
         stop(proc, work)
 
