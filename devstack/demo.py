@@ -262,7 +262,7 @@ class Parts:
                 deadline = time.monotonic() + 5
                 while self._ours(pid) and time.monotonic() < deadline:
                     time.sleep(0.1)
-            remove_stale_sockets(sockets)
+            remove_stale_sockets(sockets, wait=5.0)
         self.path.unlink(missing_ok=True)
 
 

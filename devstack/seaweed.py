@@ -19,6 +19,7 @@ import socket
 import stat
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -256,9 +257,14 @@ def grpc_sockets_of(pid: int) -> list[Path]:
     return found
 
 
-def remove_stale_sockets(paths: list[Path]) -> None:
-    """Remove those of `paths` that nobody listens on."""
+def remove_stale_sockets(paths: list[Path], *, wait: float = 0.0) -> None:
+    """Remove those of `paths` that nobody listens on, waiting up to `wait` seconds for a
+    listener to go: a process that has just exited without being reaped by us can already
+    show an empty command line while the kernel still holds its sockets open."""
+    deadline = time.monotonic() + wait
     for path in paths:
+        while path.exists() and not _stale_socket(path) and time.monotonic() < deadline:
+            time.sleep(0.05)
         if _stale_socket(path):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
