@@ -23,7 +23,7 @@ import itertools
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
@@ -314,7 +314,7 @@ def plan_ranges(root: str, seg: str) -> list[str]:
 
 async def ranged_pages(
     s3: S3, seg: str, bounds: list[str], *, window: int = LIST_WINDOW, page_size: int = 1000
-) -> AsyncIterator[list[Entry]]:
+) -> AsyncGenerator[list[Entry], None]:
     """The listing of `seg` in key order, as pages: the ranges [seg, b1), [b1, b2), ...
     [bn, end) are listed `window` at a time, each up to two pages ahead of its reader. The
     same keys as one listing (every key falls in exactly one range), sooner where the S3
@@ -371,24 +371,19 @@ async def ranged_pages(
 class ListingJoin:
     """S3's size of each file, from ListObjectsV2 pages (1,000 keys a request) merged with
     the walk: the files must be asked for in the walk's (key) order. Given the store's
-    `root`, a large segment is listed as ranges, several at once (ranged_pages); pages are
-    fetched ahead of the join, a bounded number."""
+    `root`, a large segment is listed as ranges, several at once; ranged_pages fetches
+    every range ahead of the join, a bounded number of pages."""
 
     def __init__(self, s3: S3, root: str | None = None) -> None:
         self.s3 = s3
         self.root = root
         self._segment: str | None = None
-        self._pages: AsyncIterator[list[tuple[str, int, float]]] | None = None
-        self._next: asyncio.Future[list[tuple[str, int, float]]] | None = None
-        self._page: list[tuple[str, int, float]] = []
+        self._pages: AsyncGenerator[list[Entry], None] | None = None
+        self._page: list[Entry] = []
         self._i = 0
         self._last = ""
         self.pages = 0
         self.ranges = 0
-
-    def _fetch(self) -> None:
-        assert self._pages is not None
-        self._next = asyncio.ensure_future(anext(self._pages))
 
     async def size(self, rel: str) -> int | None:
         """The size S3 lists for `rel`, or None when the listing has no such key."""
@@ -398,8 +393,7 @@ class ListingJoin:
             self._segment, self._page, self._i, self._last = seg, [], 0, ""
             bounds = await asyncio.to_thread(plan_ranges, self.root, seg) if self.root else []
             self.ranges += len(bounds) + 1
-            self._pages = aiter(ranged_pages(self.s3, seg, bounds))
-            self._fetch()
+            self._pages = ranged_pages(self.s3, seg, bounds)
         while True:
             while self._i < len(self._page):
                 key, size, _ = self._page[self._i]
@@ -413,23 +407,16 @@ class ListingJoin:
                 self._i += 1
                 if key == rel:
                     return size
-            if self._next is None:
+            if self._pages is None:
                 return None
             try:
-                self._page, self._i = await self._next, 0
+                self._page, self._i = await anext(self._pages), 0
             except StopAsyncIteration:
-                self._next, self._page, self._i = None, [], 0
+                self._pages, self._page, self._i = None, [], 0
                 continue
             self.pages += 1
-            self._fetch()
 
     async def close(self) -> None:
-        pending, self._next = self._next, None
-        if pending is not None:
-            pending.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, S3Error):
-                await pending
         pages, self._pages = self._pages, None
-        if pages is not None and hasattr(pages, "aclose"):
-            with contextlib.suppress(RuntimeError):
-                await pages.aclose()
+        if pages is not None:
+            await pages.aclose()  # stops the ranges still being listed
