@@ -338,6 +338,7 @@ def summarize(
     elapsed: float,
     *,
     s3_gets: float | None,
+    s3_wait_ms: float | None = None,
     extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report: rates and percentiles of verified successes; errors by status or reason."""
@@ -368,6 +369,8 @@ def summarize(
         "misses": sum(1 for r in results if r.miss),
         "s3_gets": "unknown" if s3_gets is None else int(s3_gets),
     }
+    if s3_wait_ms is not None:
+        report["s3_get_wait_ms"] = s3_wait_ms
     if any(r.miss for r in ok) and not all(r.miss for r in ok):
         report["hit"] = part([r for r in ok if not r.miss])
         report["miss"] = part([r for r in ok if r.miss])
@@ -386,7 +389,12 @@ def format_report(report: dict[str, Any]) -> str:
         "  ttfb ms:    " + ", ".join(f"{k} {v:g}" for k, v in ttfb.items()),
         "  statuses: " + (", ".join(f"{k}: {v}" for k, v in report["statuses"].items()) or "-"),
         "  errors:   " + (", ".join(f"{k}: {v}" for k, v in report["errors"].items()) or "none"),
-        f"  S3 GETs:  {report['s3_gets']}",
+        f"  S3 GETs:  {report['s3_gets']}"
+        + (
+            f" (S3 answered in {report['s3_get_wait_ms']:g} ms on average, as the proxy saw it)"
+            if "s3_get_wait_ms" in report
+            else ""
+        ),
     ]
     for part in ("hit", "miss"):
         if part in report:
@@ -502,6 +510,35 @@ def s3_gets_between(
         return None
     end = s3_get_count(after)
     return None if end is None else end - (s3_get_count(before) or 0.0)
+
+
+# media-proxy's own histogram (README, Metrics): time S3 took to answer, to the response head.
+_S3_WAIT: Final = "media_proxy_s3_request_duration_seconds"
+
+
+def s3_get_wait_ms(
+    before: list[tuple[str, str, float]], after: list[tuple[str, str, float]]
+) -> float | None:
+    """The mean time S3 took to answer the proxy's GETs between two scrapes (to the response
+    head, as the proxy measured it); None when unknown or no GET was made. A miss's time to
+    first byte less this is the proxy's own share: S3 answers a GET paced by a proxy's
+    misses more slowly than the back-to-back GETs of an "S3 direct" row (idle servers wake
+    up), so the difference of the two rows overstates what the proxy adds."""
+
+    def totals(samples: list[tuple[str, str, float]]) -> tuple[float, float]:
+        got = {"_sum": 0.0, "_count": 0.0}
+        for name, labels, value in samples:
+            suffix = name.removeprefix(_S3_WAIT)
+            if suffix in got and 'method="GetObject"' in labels:
+                got[suffix] += value
+        return got["_sum"], got["_count"]
+
+    if not before or not after:
+        return None
+    (s0, n0), (s1, n1) = totals(before), totals(after)
+    if n1 - n0 <= 0:
+        return None
+    return round(1000 * (s1 - s0) / (n1 - n0), 3)
 
 
 def _evict(store: Path, target: Target) -> None:
@@ -668,6 +705,7 @@ async def run(options: Options, planner: Planner) -> dict[str, Any]:
         results,
         elapsed,
         s3_gets=s3_gets,
+        s3_wait_ms=s3_get_wait_ms(gets_before, gets_after),
         extra={
             "mode": options.mode,
             "url": options.url,

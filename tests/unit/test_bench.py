@@ -341,6 +341,30 @@ def test_s3_gets_from_prometheus_metrics() -> None:
     assert s3_get_count(parse_prometheus("process_resident_memory_bytes 1e6\n")) is None
 
 
+def test_s3_wait_is_the_mean_of_the_gets_between_two_scrapes() -> None:
+    def page(get_sum: float, get_count: int, head_sum: float) -> list[tuple[str, str, float]]:
+        return parse_prometheus(
+            f'media_proxy_s3_request_duration_seconds_sum{{method="GetObject"}} {get_sum}\n'
+            f'media_proxy_s3_request_duration_seconds_count{{method="GetObject"}} {get_count}\n'
+            f'media_proxy_s3_request_duration_seconds_sum{{method="HeadObject"}} {head_sum}\n'
+            'media_proxy_s3_request_duration_seconds_count{method="HeadObject"} 50\n'
+            'media_proxy_s3_request_duration_seconds_bucket{le="0.1",method="GetObject"} 9\n'
+        )
+
+    # the run's GETs only (earlier ones and HEADs never count): 0.03 s over 20 GETs
+    assert bench.s3_get_wait_ms(page(1.0, 10, 5.0), page(1.03, 30, 9.0)) == 1.5
+    fresh = parse_prometheus("media_proxy_fills_started_total 0.0\n")
+    assert bench.s3_get_wait_ms(fresh, page(0.02, 10, 0.0)) == 2.0  # the run's first GETs
+    assert bench.s3_get_wait_ms([], page(1.0, 10, 0.0)) is None  # no first page: unknown
+    assert bench.s3_get_wait_ms(page(1.0, 10, 0.0), page(1.0, 10, 3.0)) is None  # no GET
+    assert bench.s3_get_wait_ms(page(1.0, 10, 0.0), []) is None  # no page: unknown
+    report = summarize(
+        [Result(0, True, 200, None, 0.01, 0.004, 10, False)], 1.0, s3_gets=1.0, s3_wait_ms=1.5
+    )
+    assert "S3 answered in 1.5 ms on average" in bench.format_report(report)
+    assert "s3_get_wait_ms" not in summarize([], 1.0, s3_gets=None)
+
+
 # --- the refusal to evict, and eviction ----------------------------------------------------
 
 
