@@ -16,6 +16,7 @@ the same objects in SeaweedFS. Then runs, each as its own process through a faul
   function of their media id) so the directory can be reused.
 
     .venv/bin/python -m benchmarks.scale --files 100000 [--files 300000] [--dir DIR]
+        [--only evict]   (only the rows whose command contains this; repeatable)
 
 Building is the slow part (S3 PUTs: about 1 ms each here, with 16 in flight); a second run
 of the same size reuses it.
@@ -183,7 +184,19 @@ def restore(work: Path) -> int:
     return len(missing)
 
 
-def measure(work: Path, files: int) -> list[dict[str, Any]]:
+def store_size(work: Path) -> tuple[int, int]:
+    """(files, bytes) of the whole store, from its database rows (restore() completes it)."""
+    db = sqlite3.connect(work / "synapse" / "homeserver.db")
+    try:
+        count, total = db.execute(
+            "SELECT count(*), sum(media_length) FROM local_media_repository"
+        ).fetchone()
+    finally:
+        db.close()
+    return int(count), int(total)
+
+
+def measure(work: Path, files: int, only: list[str] | None = None) -> list[dict[str, Any]]:
     build(work, files)
     restore(work)
     seaweed = SeaweedFS(work / "seaweedfs").start()
@@ -200,7 +213,12 @@ def measure(work: Path, files: int) -> list[dict[str, Any]]:
         flags = ["--synapse-config", str(work / "synapse" / "homeserver.yaml")]
         flags += ["--log-format", "json"]
 
+        def wanted(name: str) -> bool:
+            return not only or any(o in name for o in only)
+
         def one(name: str, *args: str, counted: bool = True) -> dict[str, Any]:
+            if not wanted(name):
+                return {}
             proxy.reset()
             where = ["--config", str(config if counted else direct)]
             seconds, rss, out = run([*base, *args, *flags, *where, "--json"])
@@ -221,9 +239,11 @@ def measure(work: Path, files: int) -> list[dict[str, Any]]:
             results.append(row)
             return summary
 
-        status = one("cache status", "status")
+        one("cache status", "status")
         one("cache status (S3 not through the proxy)", "status", counted=False)
         for ranged in (False, True):  # the reference: what the S3 server takes to list alone
+            if not wanted("S3 listing alone"):
+                break
             seconds, pages = listing_alone(work, direct, ranged=ranged)
             row = {
                 "files": files,
@@ -238,11 +258,11 @@ def measure(work: Path, files: int) -> list[dict[str, Any]]:
             print(json.dumps(row), flush=True)
             results.append(row)
         one("cache upload --dry-run", "upload", "--dry-run")
-        total = status["bytes"]
-        mean = total / status["files"]
+        count, total = store_size(work)
+        mean = total / count
         for label, free in (("2000 files", int(2000 * mean)), ("10%", total // 10)):
-            one(f"cache evict (free {label})", "evict", "--max-size", str(total - free))
-            restore(work)
+            if one(f"cache evict (free {label})", "evict", "--max-size", str(total - free)):
+                restore(work)
     finally:
         proxy.stop()
         seaweed.stop()
@@ -253,10 +273,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, action="append", help="store size (repeatable)")
     parser.add_argument("--dir", type=Path, default=Path("/var/tmp/media-proxy-scale"))
+    parser.add_argument(
+        "--only", action="append", help="only rows whose command contains this (repeatable)"
+    )
     args = parser.parse_args()
     rows = []
     for files in args.files or [100_000]:
-        rows += measure(args.dir / str(files), files)
+        rows += measure(args.dir / str(files), files, args.only)
     print(f"{'files':>9} {'command':40} {'s':>7} {'RSS MB':>7} {'LIST':>6} {'HEAD':>7} {'GET':>6}")
     for r in rows:
         print(

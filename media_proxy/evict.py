@@ -112,17 +112,29 @@ class Selection:
     not_in_s3_bytes: int = 0
     more: bool = False  # older-than-the-rest files were left out: another round may follow
 
+    def cover(self, need: int) -> None:
+        """Keep the fewest oldest files that cover `need` bytes (all of them if they fall
+        short), as a round with the need known beforehand would have kept."""
+        held = 0
+        for i, f in enumerate(self.files):
+            if held >= need:
+                del self.files[i:]
+                self.more = True
+                return
+            held += f.size
+
 
 async def select_oldest(
     batches: AsyncIterator[list[CachedFile]],
-    need: int,
+    need: int | None,
     *,
     max_files: int,
     after: tuple[float, str] | None = None,
 ) -> Selection:
     """The oldest evictable files (recency, then store path) strictly after `after`, as few
     as cover `need` bytes and at most `max_files`: a bounded heap over the stream, O(kept)
-    memory, O(n log kept) time."""
+    memory, O(n log kept) time. With `need` unknown (None: the walk is also what measures
+    the store), the `max_files` oldest, for the caller to `cover` once it knows."""
     sel = Selection()
     heap: list[_Newest] = []
     held = 0
@@ -135,12 +147,16 @@ async def select_oldest(
             item = _Newest(f)
             if after is not None and item.key <= after:
                 continue
-            if heap and (len(heap) >= max_files or held >= need) and item.key >= heap[0].key:
+            enough = len(heap) >= max_files or (need is not None and held >= need)
+            if heap and enough and item.key >= heap[0].key:
                 sel.more = True  # newer than every file kept, and enough is kept
                 continue
             heapq.heappush(heap, item)
             held += f.size
-            while heap and (len(heap) > max_files or held - heap[0].file.size >= max(need, 1)):
+            while heap and (
+                len(heap) > max_files
+                or (need is not None and held - heap[0].file.size >= max(need, 1))
+            ):
                 held -= heapq.heappop(heap).file.size
                 sel.more = True
     sel.files = [item.file for item in sorted(heap, key=lambda i: i.key)]
@@ -174,17 +190,19 @@ class Evictor:
     async def run(
         self,
         walk: Callable[[], AsyncIterator[list[CachedFile]]],
-        total: int,
+        total: int | None,
         max_size: int,
         *,
         max_files: int | None = None,
         time_limit: float | None = None,
     ) -> Summary:
-        """Free `total - max_size` bytes (`total`: the store's size, from `store_bytes`).
+        """Free `total - max_size` bytes. `total` is the store's size (`store_bytes`), or None
+        for the first round's walk to measure it on the way: one walk of the store instead of
+        two, at the price of keeping up to `ROUND_FILES` candidates until the walk ends.
         `walk` starts a new annotated walk of the store (inventory.chunks) for each round."""
         started = time.monotonic()
         summary = Summary("would evict" if self.rules.dry_run else "evicted")
-        need = total - max_size
+        need = None if total is None else total - max_size
         summary.extra.update(
             budget_bytes=max_size,
             before_bytes=total,
@@ -197,16 +215,26 @@ class Evictor:
         stopped = ""
         progress: Progress | None = None
         try:
-            while freed < need and not stopped:
+            while (need is None or freed < need) and not stopped:
                 cap = (
                     ROUND_FILES
                     if max_files is None
                     else min(ROUND_FILES, max_files - summary.files)
                 )
-                sel = await select_oldest(walk(), need - freed, max_files=max(cap, 1), after=after)
+                sel = await select_oldest(
+                    walk(),
+                    None if need is None else need - freed,
+                    max_files=max(cap, 1),
+                    after=after,
+                )
                 summary.extra["rounds"] += 1
                 if summary.extra["rounds"] == 1:
                     summary.extra["kept_not_in_s3_bytes"] = sel.not_in_s3_bytes
+                if need is None:  # the first round's walk measured the store
+                    total = sel.total_bytes
+                    need = total - max_size
+                    summary.extra["before_bytes"] = total
+                    sel.cover(need)
                 if not sel.files:
                     break
                 if self.show_progress:
@@ -233,7 +261,7 @@ class Evictor:
             if progress is not None:
                 progress.close()
         summary.seconds = time.monotonic() - started
-        after_bytes = total - freed
+        after_bytes = (total or 0) - freed
         summary.extra.update(
             after_bytes=after_bytes, over_budget_bytes=max(0, after_bytes - max_size)
         )

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from media_proxy.config import Config
-from media_proxy.evict import Evictor, Rules, store_bytes
+from media_proxy.evict import Evictor, Rules
 from media_proxy.inventory import IN_S3, CachedFile, Kind, ListingJoin, chunks
 from media_proxy.metadata import Database, DatabaseError, open_database
 from media_proxy.progress import Progress, Summary, human
@@ -248,9 +248,9 @@ async def run_evict(
     async with _parts(config, need_s3=True) as parts:
         assert parts.s3 is not None
         root, db = parts.root, parts.db
-        total = await asyncio.to_thread(store_bytes, root)
         evictor = Evictor(parts.s3, root, rules, concurrency=concurrency)
-        summary = await evictor.run(lambda: chunks(root, db), total, max_size)
+        # The first round's walk measures the store: one walk, not a count and then a walk.
+        summary = await evictor.run(lambda: chunks(root, db), None, max_size)
     _print_summary(summary, as_json, out)
     return 0
 

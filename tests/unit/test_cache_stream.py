@@ -97,6 +97,33 @@ def test_select_keeps_just_the_oldest_that_cover_the_need() -> None:
     assert [f.rel for f in capped.files] == [f.rel for f in every[:7]]
 
 
+def test_select_before_the_need_is_known_then_cover_it() -> None:
+    """`cache evict`'s one walk: it selects before it knows the store's size, then keeps
+    exactly what a selection with the need known beforehand keeps."""
+    sizes = [100 + (i * 37) % 900 for i in range(5_000)]
+
+    async def stream() -> AsyncIterator[list[CachedFile]]:
+        for start in range(0, len(sizes), 700):
+            yield [_file(i, sizes[i]) for i in range(start, min(len(sizes), start + 700))]
+
+    unknown = asyncio.run(select_oldest(stream(), None, max_files=400))
+    assert len(unknown.files) == 400 and unknown.more
+    assert unknown.total_bytes == sum(sizes)
+    for need in (-5, 0, 1, 100, 101, 5_000, 123_457, 10**9):
+        known = asyncio.run(select_oldest(stream(), need, max_files=400))
+        sel = asyncio.run(select_oldest(stream(), None, max_files=400))
+        sel.cover(need)
+        assert [f.rel for f in sel.files] == [f.rel for f in known.files][: len(sel.files)]
+        if need > 0:
+            assert [f.rel for f in sel.files] == [f.rel for f in known.files], need
+        else:
+            assert sel.files == [] and sel.more
+    # Short of the need within the cap: all are kept, as many as the cap allows.
+    sel = asyncio.run(select_oldest(stream(), None, max_files=400))
+    sel.cover(10**9)
+    assert len(sel.files) == 400
+
+
 def test_select_memory_follows_the_work_not_the_store() -> None:
     def peak(n: int) -> int:
         tracemalloc.start()
