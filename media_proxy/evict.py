@@ -420,8 +420,21 @@ class DirLock:
             self.fd = -1
 
 
+# Walking the store to check the budget takes at most this share of the background
+# evictor's time: a million files take about 10 s to walk here, which every minute would
+# keep a fifth of a core busy for a cache that is under budget.
+WALK_SHARE: Final = 0.1
+
+
+def pause_after(interval: float, walk_seconds: float) -> float:
+    """Seconds from one background pass to the next: the interval, stretched so that the
+    budget walk stays within WALK_SHARE of the time on a store too large for it."""
+    return max(interval, walk_seconds / WALK_SHARE)
+
+
 class BackgroundEvictor:
-    """`serve --cache-max-size`: one bounded eviction pass per interval, in one worker."""
+    """`serve --cache-max-size`: one bounded eviction pass per interval (stretched on stores
+    whose walk takes long, see WALK_SHARE), in the evictor's own process."""
 
     def __init__(self, config: Config, s3: S3) -> None:
         assert config.cache_max_size is not None
@@ -432,6 +445,7 @@ class BackgroundEvictor:
         self.lock = DirLock(config.cache_path)
         self.db: Database | None = None
         self._task: asyncio.Task[None] | None = None
+        self.walk_seconds = 0.0  # the last budget walk's
 
     async def start(self) -> None:
         self.config.cache_path.mkdir(parents=True, exist_ok=True)
@@ -439,7 +453,7 @@ class BackgroundEvictor:
 
     async def _loop(self) -> None:
         while True:
-            await asyncio.sleep(self.interval)
+            await asyncio.sleep(pause_after(self.interval, self.walk_seconds))
             try:
                 await self.tick()
             except (DatabaseError, S3Error, OSError) as e:
@@ -452,8 +466,16 @@ class BackgroundEvictor:
         if not self.lock.acquire():
             return None
         root = str(self.config.cache_path)
+        started = time.monotonic()
         total = await asyncio.to_thread(store_bytes, root)
+        self.walk_seconds = time.monotonic() - started
         metrics.store_size(total)
+        if self.walk_seconds > WALK_SHARE * self.interval:
+            log.debug(
+                "cache_evict.walk_paced",
+                walk_seconds=round(self.walk_seconds, 2),
+                next_pass_s=round(pause_after(self.interval, self.walk_seconds), 1),
+            )
         if total <= self.max_size:
             return None  # under budget: no database work
         if self.db is None:

@@ -8,7 +8,7 @@ import tracemalloc
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from media_proxy.evict import select_oldest
+from media_proxy.evict import WALK_SHARE, pause_after, select_oldest
 from media_proxy.inventory import (
     RANGE_KEYS,
     CachedFile,
@@ -163,3 +163,17 @@ def test_ranges_are_planned_from_a_sample_of_the_store(tmp_path: Path) -> None:
     assert len(bounds) == 6000 // RANGE_KEYS - 1
     assert bounds == sorted(bounds)
     assert plan_ranges(str(tmp_path), "remote_content/none/") == []
+
+
+def test_background_passes_are_spaced_so_the_budget_walk_stays_a_small_share() -> None:
+    # A small store: the configured interval.
+    assert pause_after(60.0, 0.5) == 60.0
+    assert pause_after(0.3, 0.0) == 0.3
+    # A walk of 10 s (about a million files here) every 60 s would be a sixth of the time:
+    # the next pass waits until the walk is WALK_SHARE of it.
+    assert pause_after(60.0, 10.0) == 10.0 / WALK_SHARE == 100.0
+    assert all(
+        walk <= WALK_SHARE * pause_after(interval, walk) + 1e-9
+        for interval in (0.2, 1.0, 60.0, 600.0)
+        for walk in (0.0, 0.01, 1.0, 7.5, 30.0, 300.0)
+    )
