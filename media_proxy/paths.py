@@ -39,8 +39,14 @@ def component(name: str) -> str:
     return name
 
 
+def _join(*parts: str) -> str:
+    """posixpath.join of checked components, or paths of them (never empty, never starting
+    or ending with "/"): plain "/"s, at half the cost on every request and walked file."""
+    return "/".join(parts)
+
+
 def _sharded(file_id: str) -> str:
-    return posixpath.join(component(file_id[0:2]), component(file_id[2:4]), component(file_id[4:]))
+    return _join(component(file_id[0:2]), component(file_id[2:4]), component(file_id[4:]))
 
 
 def _thumbnail_name(width: int, height: int, content_type: str, method: str) -> str:
@@ -59,42 +65,38 @@ def _checked(rel: str) -> str:
 
 
 def local_media(media_id: str) -> str:
-    return _checked(posixpath.join("local_content", _sharded(media_id)))
+    return _checked(_join("local_content", _sharded(media_id)))
 
 
 def local_thumbnail_dir(media_id: str) -> str:
-    return _checked(posixpath.join("local_thumbnails", _sharded(media_id)))
+    return _checked(_join("local_thumbnails", _sharded(media_id)))
 
 
 def local_thumbnail(media_id: str, width: int, height: int, content_type: str, method: str) -> str:
     name = _thumbnail_name(width, height, content_type, method)
-    return _checked(posixpath.join("local_thumbnails", _sharded(media_id), name))
+    return _checked(_join("local_thumbnails", _sharded(media_id), name))
 
 
 def remote_media(server_name: str, filesystem_id: str) -> str:
-    return _checked(
-        posixpath.join("remote_content", component(server_name), _sharded(filesystem_id))
-    )
+    return _checked(_join("remote_content", component(server_name), _sharded(filesystem_id)))
 
 
 def remote_thumbnail_dir(server_name: str, filesystem_id: str) -> str:
-    return _checked(
-        posixpath.join("remote_thumbnail", component(server_name), _sharded(filesystem_id))
-    )
+    return _checked(_join("remote_thumbnail", component(server_name), _sharded(filesystem_id)))
 
 
 def remote_thumbnail(
     server_name: str, filesystem_id: str, width: int, height: int, content_type: str, method: str
 ) -> str:
     name = _thumbnail_name(width, height, content_type, method)
-    return _checked(posixpath.join(remote_thumbnail_dir(server_name, filesystem_id), name))
+    return _checked(_join(remote_thumbnail_dir(server_name, filesystem_id), name))
 
 
 def url_cache_media(media_id: str) -> str:
     if _URL_CACHE_DATED_ID.match(media_id):
-        rel = posixpath.join("url_cache", component(media_id[:10]), component(media_id[11:]))
+        rel = _join("url_cache", component(media_id[:10]), component(media_id[11:]))
     else:
-        rel = posixpath.join("url_cache", _sharded(media_id))
+        rel = _join("url_cache", _sharded(media_id))
     return _checked(rel)
 
 
