@@ -199,7 +199,10 @@ class Evictor:
         """Free `total - max_size` bytes. `total` is the store's size (`store_bytes`), or None
         for the first round's walk to measure it on the way: one walk of the store instead of
         two, at the price of keeping up to `ROUND_FILES` candidates until the walk ends.
-        `walk` starts a new annotated walk of the store (inventory.chunks) for each round."""
+        `walk` starts a new annotated walk of the store (inventory.chunks) for each round.
+        `time_limit` bounds the time spent evicting, not walking, and each round evicts (or
+        considers) at least one file: a store whose walk outlasts the limit (a million files
+        take about 40 s here) must still shrink, pass after pass."""
         started = time.monotonic()
         summary = Summary("would evict" if self.rules.dry_run else "evicted")
         need = None if total is None else total - max_size
@@ -211,6 +214,7 @@ class Evictor:
             rounds=0,
         )
         freed = 0
+        evicting = 0.0  # seconds spent in rounds, which the time limit counts
         after: tuple[float, str] | None = None
         stopped = ""
         progress: Progress | None = None
@@ -241,9 +245,8 @@ class Evictor:
                     if progress is None:
                         progress = Progress("cache_evict", 0, max(need, 0))
                     progress.total_files += len(sel.files)
-                remaining = (
-                    None if time_limit is None else time_limit - (time.monotonic() - started)
-                )
+                remaining = None if time_limit is None else time_limit - evicting
+                round_started = time.monotonic()
                 got, stopped = await self._round(
                     sel.files,
                     need - freed,
@@ -252,6 +255,7 @@ class Evictor:
                     max_files=max_files,
                     time_limit=remaining,
                 )
+                evicting += time.monotonic() - round_started
                 freed += got
                 last = sel.files[-1]
                 after = (last.last_access, last.rel)
@@ -280,9 +284,10 @@ class Evictor:
         time_limit: float | None,
     ) -> tuple[int, str]:
         """Evict candidates in order, `concurrency` at a time, until `need` bytes are freed;
-        returns the bytes freed and why it stopped early ("" if it did not)."""
+        returns the bytes freed and why it stopped early ("" if it did not). The time limit
+        is checked from the second candidate on: a round always makes progress."""
         started = time.monotonic()
-        freed = inflight = 0
+        freed = inflight = launched = 0
         pending: set[asyncio.Task[int]] = set()
         stopped = ""
 
@@ -295,8 +300,9 @@ class Evictor:
                     task.result()  # a bug in a worker stops the pass
 
         def launch(f: CachedFile) -> None:
-            nonlocal inflight
+            nonlocal inflight, launched
             inflight += f.size
+            launched += 1
 
             def finished(task: asyncio.Task[int]) -> None:
                 nonlocal inflight, freed
@@ -319,7 +325,7 @@ class Evictor:
                 if max_files is not None and summary.files + len(pending) >= max_files:
                     stopped = "max_files"
                     break
-                if time_limit is not None and time.monotonic() - started > time_limit:
+                if launched and time_limit is not None and time.monotonic() - started > time_limit:
                     stopped = "time_limit"
                     break
                 launch(f)

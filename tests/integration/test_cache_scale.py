@@ -19,7 +19,7 @@ import string
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,12 @@ from devstack.postgres import Postgres
 from devstack.seaweed import SeaweedFS
 from devstack.synapse import PostgresDatabase, SqliteDatabase, Synapse
 from media_proxy import paths
-from media_proxy.inventory import RANGE_KEYS
+from media_proxy.config import load
+from media_proxy.evict import BACKGROUND_MAX_FILES, Evictor, Rules, store_bytes
+from media_proxy.inventory import RANGE_KEYS, CachedFile, chunks
+from media_proxy.metadata import open_database
+from media_proxy.progress import Summary
+from media_proxy.s3 import S3
 from tests.faults import FaultProxy
 
 pytestmark = pytest.mark.integration
@@ -306,3 +311,49 @@ def test_evict_past_files_s3_lacks_takes_another_round(store: Store) -> None:
     # One HeadObject per file considered (evicted or skipped), none for the newest.
     heads = store.heads()
     assert len(heads) == len(set(heads)) and set(heads) == set(considered)
+
+
+def test_a_pass_whose_walk_outlasts_its_time_limit_still_evicts(store: Store) -> None:
+    """The background evictor's time limit (half an interval) bounds evicting, not walking:
+    a pass over a store whose walk outlasts it (a million files take about 40 s here,
+    against 30 s) must still free space, or the cache grows past its budget for good. The
+    walk is slowed between the real walk and the evictor, so that the test does not depend
+    on how fast this machine walks."""
+    config = load(
+        config_file=store.config, synapse_config=[store.synapse.config_path], need_synapse_url=False
+    )
+    assert config.s3 is not None
+    root, limit = str(store.root), 0.2
+    oldest = [rel for pair in store.remote for rel in pair]
+    need = sum((store.root / rel).stat().st_size for rel in oldest)
+
+    async def run() -> Summary:
+        db = await open_database(config.database)
+        assert config.s3 is not None
+        s3 = S3(config.s3)
+        await s3.start()
+        try:
+            total = await asyncio.to_thread(store_bytes, root)
+
+            async def slow_walk() -> AsyncIterator[list[CachedFile]]:
+                async for chunk in chunks(root, db):
+                    yield chunk
+                await asyncio.sleep(2 * limit)  # the walk ends past the time limit
+
+            evictor = Evictor(s3, root, Rules(min_age=0), show_progress=False)
+            return await evictor.run(
+                slow_walk, total, total - need, max_files=BACKGROUND_MAX_FILES, time_limit=limit
+            )
+        finally:
+            await s3.close()
+            await db.close()
+
+    summary = asyncio.run(run())
+    try:
+        assert summary.files == len(oldest), summary.as_dict()
+        assert summary.extra["over_budget_bytes"] == 0
+        assert not any((store.root / rel).exists() for rel in oldest)
+    finally:
+        client = store.seaweed.client()
+        for rel in oldest:
+            write(store.root, rel, client.get_object(Bucket="media", Key=rel)["Body"].read())
