@@ -432,10 +432,12 @@ class DirLock:
 WALK_SHARE: Final = 0.1
 
 
-def pause_after(interval: float, walk_seconds: float) -> float:
+def pause_after(interval: float, walk_seconds: float, *, unfinished: bool = False) -> float:
     """Seconds from one background pass to the next: the interval, stretched so that the
-    budget walk stays within WALK_SHARE of the time on a store too large for it."""
-    return max(interval, walk_seconds / WALK_SHARE)
+    budget walk stays within WALK_SHARE of the time on a store too large for it; just the
+    interval after a pass that stopped at its limits still over budget (the next one walks
+    once, measuring as it selects, and goes on evicting)."""
+    return interval if unfinished else max(interval, walk_seconds / WALK_SHARE)
 
 
 class BackgroundEvictor:
@@ -452,6 +454,7 @@ class BackgroundEvictor:
         self.db: Database | None = None
         self._task: asyncio.Task[None] | None = None
         self.walk_seconds = 0.0  # the last budget walk's
+        self.unfinished = False  # the last pass stopped at its limits, still over budget
 
     async def start(self) -> None:
         self.config.cache_path.mkdir(parents=True, exist_ok=True)
@@ -459,7 +462,9 @@ class BackgroundEvictor:
 
     async def _loop(self) -> None:
         while True:
-            await asyncio.sleep(pause_after(self.interval, self.walk_seconds))
+            await asyncio.sleep(
+                pause_after(self.interval, self.walk_seconds, unfinished=self.unfinished)
+            )
             try:
                 await self.tick()
             except (DatabaseError, S3Error, OSError) as e:
@@ -472,18 +477,20 @@ class BackgroundEvictor:
         if not self.lock.acquire():
             return None
         root = str(self.config.cache_path)
-        started = time.monotonic()
-        total = await asyncio.to_thread(store_bytes, root)
-        self.walk_seconds = time.monotonic() - started
-        metrics.store_size(total)
-        if self.walk_seconds > WALK_SHARE * self.interval:
-            log.debug(
-                "cache_evict.walk_paced",
-                walk_seconds=round(self.walk_seconds, 2),
-                next_pass_s=round(pause_after(self.interval, self.walk_seconds), 1),
-            )
-        if total <= self.max_size:
-            return None  # under budget: no database work
+        total: int | None = None  # unknown: the pass's own walk measures it
+        if not self.unfinished:
+            started = time.monotonic()
+            total = await asyncio.to_thread(store_bytes, root)
+            self.walk_seconds = time.monotonic() - started
+            metrics.store_size(total)
+            if self.walk_seconds > WALK_SHARE * self.interval:
+                log.debug(
+                    "cache_evict.walk_paced",
+                    walk_seconds=round(self.walk_seconds, 2),
+                    next_pass_s=round(pause_after(self.interval, self.walk_seconds), 1),
+                )
+            if total <= self.max_size:
+                return None  # under budget: no database work
         if self.db is None:
             self.db = await open_database(self.config.database)
         db = self.db
@@ -495,10 +502,16 @@ class BackgroundEvictor:
             max_files=BACKGROUND_MAX_FILES,
             time_limit=self.interval / 2,
         )
+        self.unfinished = bool(summary.extra.get("over_budget_bytes")) and (
+            "stopped" in summary.extra
+        )
         metrics.evicted(summary.files, summary.bytes)
         metrics.store_size(summary.extra.get("after_bytes", 0))
         if summary.files or summary.skipped:
-            log.info("cache_evict.pass", **summary.as_dict())
+            # budget_walk_s: the walk that found the store over budget; absent when the pass
+            # went on from an unfinished one, measuring the store as it selected
+            walked = {} if total is None else {"budget_walk_s": round(self.walk_seconds, 3)}
+            log.info("cache_evict.pass", **summary.as_dict(), **walked)
         if summary.extra.get("over_budget_bytes") and "stopped" not in summary.extra:
             log.warning(
                 "cache.over_budget",

@@ -10,6 +10,7 @@ import asyncio
 import concurrent.futures
 import datetime
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -29,12 +30,13 @@ import pytest
 import yaml
 
 from devstack.postgres import Postgres
+from devstack.proxy import MediaProxy
 from devstack.seaweed import SeaweedFS
 from devstack.synapse import PostgresDatabase, SqliteDatabase, Synapse
 from media_proxy import paths
 from media_proxy.config import load
 from media_proxy.evict import BACKGROUND_MAX_FILES, Evictor, Rules, store_bytes
-from media_proxy.inventory import RANGE_KEYS, CachedFile, chunks
+from media_proxy.inventory import RANGE_KEYS, CachedFile, chunks, walk
 from media_proxy.metadata import open_database
 from media_proxy.progress import Summary
 from media_proxy.s3 import S3
@@ -357,3 +359,44 @@ def test_a_pass_whose_walk_outlasts_its_time_limit_still_evicts(store: Store) ->
         client = store.seaweed.client()
         for rel in oldest:
             write(store.root, rel, client.get_object(Bucket="media", Key=rel)["Body"].read())
+
+
+def test_background_passes_go_on_until_the_store_fits(store: Store, tmp_path: Path) -> None:
+    """`serve --cache-max-size` over a store far over budget: each pass stops at its time
+    limit (a tiny interval's), and the next one goes on at once from its own walk, without
+    walking first to measure, until the store fits; the least recently accessed go first."""
+    s, _ = store.cli("status", "--no-s3")
+    k = 1000  # local files to free after the remote ones
+    oldest = [rel for pair in store.remote for rel in pair]
+    oldest += [paths.local_media(mid) for mid, _ in store.local[:k]]
+    budget = s["bytes"] - sum((store.root / rel).stat().st_size for rel in oldest)
+    config = yaml.safe_load(store.config.read_text())
+    config.update(cache_max_size=budget, cache_min_age=0, cache_evict_interval=0.1)
+    proxy = MediaProxy(
+        tmp_path / "proxy",
+        synapse_config=store.synapse.config_path,
+        synapse_url="http://127.0.0.1:9",  # never asked: no request is made
+        config=config,
+    ).start()
+    try:
+        deadline = time.monotonic() + 120
+        while True:  # until a pass says the store fits
+            passes = [e for e in proxy.log_events() if e.get("event") == "cache_evict.pass"]
+            if passes and passes[-1]["over_budget_bytes"] == 0:
+                break
+            assert time.monotonic() < deadline, ("cache still over budget", passes[-1:])
+            time.sleep(0.2)
+        assert sum(f.size for f in walk(str(store.root))) <= budget
+    finally:
+        proxy.stop()
+        client = store.seaweed.client()
+        for rel in oldest:
+            if not (store.root / rel).exists():
+                write(store.root, rel, client.get_object(Bucket="media", Key=rel)["Body"].read())
+    assert len(passes) >= 2, passes
+    assert passes[0]["stopped"] == "time_limit" and "budget_walk_s" in passes[0]
+    for before, after in itertools.pairwise(passes):
+        # a pass stopped at its limits is followed by one that does not measure first
+        assert ("budget_walk_s" in after) == ("stopped" not in before), (before, after)
+    assert sum(p["files"] for p in passes) == len(oldest)
+    assert passes[-1]["over_budget_bytes"] == 0

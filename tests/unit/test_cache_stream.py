@@ -177,3 +177,7 @@ def test_background_passes_are_spaced_so_the_budget_walk_stays_a_small_share() -
         for interval in (0.2, 1.0, 60.0, 600.0)
         for walk in (0.0, 0.01, 1.0, 7.5, 30.0, 300.0)
     )
+    # A pass that stopped at its limits still over budget: the next one comes after the
+    # interval, whatever the walk took (it does not walk to measure first).
+    assert pause_after(60.0, 10.0, unfinished=True) == 60.0
+    assert pause_after(60.0, 0.5, unfinished=True) == 60.0
