@@ -520,9 +520,10 @@ class Pruner:
 
 class BackgroundPruner:
     """`serve` with `s3_prune_interval` (off by default): a prune pass per interval, with the
-    rules of `s3 prune` and `s3_prune_min_age`, in the one worker holding an flock on
-    `<cache>/.media-proxy/s3-prune.lock` (the kernel drops it if that worker dies, and another
-    takes over). Nothing is printed; each pass logs one `s3_prune.pass` event."""
+    rules of `s3 prune` and `s3_prune_min_age`, in the upkeep process (never a serving loop:
+    a pass lists the whole bucket), holding an flock on `<cache>/.media-proxy/s3-prune.lock`
+    so that one process per cache prunes. Nothing is printed; each pass logs one
+    `s3_prune.pass` event."""
 
     def __init__(self, config: Config, s3: S3) -> None:
         assert config.s3_prune_interval is not None

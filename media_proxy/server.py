@@ -55,7 +55,6 @@ class Proxy:
         self.filler: Filler | None = None
         self.metadata: Metadata | None = None
         self.pipeline: MediaPipeline | None = None
-        self.pruner: BackgroundPruner | None = None
         self.readiness: metrics.Readiness | None = None
         self.metrics_listener: web.AppRunner | None = None
 
@@ -88,9 +87,6 @@ class Proxy:
                 max_fills_per_client=config.max_fills_per_client,
                 fill_wait=config.fill_wait,
             )
-            if config.s3_prune_interval is not None:
-                self.pruner = BackgroundPruner(config, self.s3)
-                await self.pruner.start()
         authorizer = Authorizer(
             self.synapse,
             ttl=config.auth_cache_ttl,
@@ -121,8 +117,6 @@ class Proxy:
     async def close(self) -> None:
         if self.metrics_listener is not None:
             await self.metrics_listener.cleanup()
-        if self.pruner is not None:
-            await self.pruner.close()
         if self.filler is not None:
             await self.filler.close()
         if self.metadata is not None:
@@ -366,36 +360,46 @@ def serve(config: Config) -> int:
         synapse_url=config.synapse_url,
         s3_bucket=config.s3.bucket if config.s3 else None,
     )
-    if config.workers == 1 and not _wants_evictor(config):
+    if config.workers == 1 and not _wants_upkeep(config):
         log.info("server.stop", signal=_run_worker(config, reuse_port=False))
         return 0
     return _supervise(config)
 
 
-# The supervisor's slot for the background evictor's process (workers have 0..N-1).
-_EVICTOR_SLOT: Final = -1
+# The supervisor's slot for the background upkeep process (workers have 0..N-1).
+_UPKEEP_SLOT: Final = -1
 
 
-def _wants_evictor(config: Config) -> bool:
-    return config.cache_max_size is not None and config.s3 is not None
+def _wants_upkeep(config: Config) -> bool:
+    """Whether a background task is configured: the evictor (`cache_max_size`) or the
+    bucket's pruner (`s3_prune_interval`)."""
+    return config.s3 is not None and (
+        config.cache_max_size is not None or config.s3_prune_interval is not None
+    )
 
 
-def _run_evictor(config: Config) -> str:
-    """The background evictor, in a process of its own: its store walk, database joins and
-    sorting never stall a serving loop. Returns the stop signal's name."""
+def _run_upkeep(config: Config) -> str:
+    """The background evictor and S3 pruner, in a process of their own: store walks, bucket
+    listings and database joins never stall a serving loop. Returns the stop signal's name."""
 
     async def run() -> str:
         assert config.s3 is not None
-        structlog.contextvars.bind_contextvars(process="evictor")
+        structlog.contextvars.bind_contextvars(process="upkeep")
         stopped, received = _stop_signals()
         s3 = S3(config.s3)
         await s3.start()
-        evictor = BackgroundEvictor(config, s3)
+        tasks: list[BackgroundEvictor | BackgroundPruner] = []
+        if config.cache_max_size is not None:
+            tasks.append(BackgroundEvictor(config, s3))
+        if config.s3_prune_interval is not None:
+            tasks.append(BackgroundPruner(config, s3))
         try:
-            await evictor.start()
+            for task in tasks:
+                await task.start()
             await stopped.wait()
         finally:
-            await evictor.close()
+            for task in tasks:
+                await task.close()
             await s3.close()
         return received[0]
 
@@ -420,8 +424,8 @@ def _supervise(config: Config) -> int:
         if pid == 0:
             code = 1
             try:
-                if slot == _EVICTOR_SLOT:
-                    _run_evictor(config)
+                if slot == _UPKEEP_SLOT:
+                    _run_upkeep(config)
                 else:
                     _run_worker(config, reuse_port=True)
                 code = 0
@@ -445,8 +449,8 @@ def _supervise(config: Config) -> int:
         signal.signal(sig, on_signal)
     for slot in range(config.workers):
         spawn(slot)
-    if _wants_evictor(config):
-        spawn(_EVICTOR_SLOT)
+    if _wants_upkeep(config):
+        spawn(_UPKEEP_SLOT)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
     while children:
         try:

@@ -445,4 +445,4 @@ def test_background_evictor_says_when_nothing_is_evictable(stack: Stack, tmp_pat
     assert 1 <= len(over) <= len(passes) <= 1.5 / 0.2 + 1
     assert over[-1]["skipped"]["too_young"]["files"] >= 1
     # with one worker too, the passes ran in the evictor's own process, not a serving loop
-    assert {e.get("process") for e in passes} == {"evictor"}
+    assert {e.get("process") for e in passes} == {"upkeep"}

@@ -479,7 +479,8 @@ def test_bad_input_is_one_line(env: Env, args: list[str], named: str) -> None:
 
 
 def test_serve_prunes_in_the_background_when_asked(env: Env) -> None:
-    """`s3_prune_interval` in `serve`: the same rules, one worker, one event per pass."""
+    """`s3_prune_interval` in `serve`: the same rules, one event per pass, in the upkeep
+    process, never a serving worker (a pass lists the whole bucket)."""
     env.prune_all()
     kept = env.image(10)
     deleted = env.image(11)
@@ -501,6 +502,7 @@ def test_serve_prunes_in_the_background_when_asked(env: Env) -> None:
             time.sleep(0.05)
         first = passes[0]
         assert first["objects"] == len(doomed), first
+        assert {p.get("process") for p in passes} == {"upkeep"}
         after = set(env.objects())
         assert not doomed & after
         assert env.keys_of(kept) <= after and stray in after
