@@ -15,12 +15,14 @@ from typing import Any
 
 import pytest
 
+from devstack.procs import LOOPBACK, free_port
 from devstack.proxy import MediaProxy
 from devstack.samples import png
 from devstack.synapse import Synapse
 from media_proxy import bench, cli
 from media_proxy.config import load
 from tests.faults import FaultProxy
+from tests.integration.conftest import TEST_PROXY_CONFIG
 from tests.integration.media import Media, settle_fills, upload
 
 pytestmark = pytest.mark.integration
@@ -217,3 +219,43 @@ async def test_thumbnails_and_ranges_report_what_came_back(
         logged_statuses[str(e["status"])] = logged_statuses.get(str(e["status"]), 0) + 1
     assert report["statuses"] == dict(sorted(logged_statuses.items()))
     assert report["ok"] == 8  # 206 with the asked part, or 200 with the whole file
+
+
+def test_misses_report_how_long_s3_took_to_answer_the_proxy(
+    synapse: Synapse,
+    user_token: str,
+    files: list[Media],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    s3_faults: FaultProxy,
+) -> None:
+    """With `--metrics-url`, the report's S3 wait is the proxy's own measure of its GETs:
+    S3 made slow by the fault proxy shows in it, and in the misses' first bytes behind it."""
+    port = free_port()
+    metered = MediaProxy(
+        tmp_path / "proxy",
+        synapse_config=synapse.config_path,
+        synapse_url=synapse.url,
+        config={**TEST_PROXY_CONFIG, "s3": {"endpoint_url": s3_faults.url}},
+        extra_args=["--metrics-listen", f"{LOOPBACK}:{port}"],
+    ).start()
+    delay = 0.25
+    s3_faults.set_latency(delay, match=lambda method, path: method == "GET" and "local_" in path)
+    try:
+        settle_fills(synapse)
+        code, report = run_cli(
+            ["miss", "--url", metered.url, "--uris", str(uris_file(tmp_path, files[:1])),
+             "--token", user_token, "--synapse-config", str(synapse.config_path),
+             "--requests", "3", "--concurrency", "1", "--verify-ratio", "1",
+             "--evict-from", str(synapse.media_store_path),
+             "--metrics-url", f"http://{LOOPBACK}:{port}/metrics"],
+            capsys,
+        )  # fmt: skip
+    finally:
+        s3_faults.clear_faults()
+        metered.stop()
+    assert code == 0, report
+    assert report["ok"] == report["misses"] == report["s3_gets"] == 3
+    assert report["s3_get_wait_ms"] >= 1000 * delay
+    assert report["ttfb_ms"]["p50"] >= 1000 * delay  # behind the proxy's wait
+    settle_fills(synapse)
