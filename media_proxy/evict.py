@@ -483,6 +483,7 @@ class BackgroundEvictor:
             total = await asyncio.to_thread(store_bytes, root)
             self.walk_seconds = time.monotonic() - started
             metrics.store_size(total)
+            metrics.evictor_walk(self.walk_seconds)
             if self.walk_seconds > WALK_SHARE * self.interval:
                 log.debug(
                     "cache_evict.walk_paced",

@@ -110,6 +110,20 @@ class _Metrics:
             "media_proxy_evicted_bytes", "Bytes the background evictor deleted."
         )
         self._store_bytes: Any = None
+        self._walk_seconds: Any = None
+
+    def walk_seconds(self, seconds: float) -> None:
+        if self._walk_seconds is None:  # as store_bytes: the evictor's process only
+            from prometheus_client import Gauge
+
+            self._walk_seconds = Gauge(
+                "media_proxy_evictor_walk_seconds",
+                "Seconds the evictor's last budget walk of the store took (passes are spaced"
+                " so that walking stays a tenth of the time).",
+                multiprocess_mode="livemax",
+                registry=None,
+            )
+        self._walk_seconds.set(seconds)
 
     def store_bytes(self, size: int) -> None:
         # Created by the worker running the evictor only: no sample until the size is known.
@@ -279,6 +293,11 @@ def evicted(files: int, size: int) -> None:
 def store_size(size: int) -> None:
     if _m is not None:
         _m.store_bytes(size)
+
+
+def evictor_walk(seconds: float) -> None:
+    if _m is not None:
+        _m.walk_seconds(seconds)
 
 
 # --- readiness --------------------------------------------------------------------------------

@@ -322,6 +322,7 @@ def test_evictions_and_store_size(
         assert sum(e["bytes"] for e in events) == sum(len(m.data) for m in media)
         assert wait_for(lambda: total(metered.scrape(), "media_proxy_store_bytes") == 0)
         assert ("media_proxy_store_bytes", frozenset()) in metered.scrape()
+        assert total(metered.scrape(), "media_proxy_evictor_walk_seconds") > 0
     finally:
         server.stop()
 
