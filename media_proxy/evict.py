@@ -483,13 +483,7 @@ class BackgroundEvictor:
             total = await asyncio.to_thread(store_bytes, root)
             self.walk_seconds = time.monotonic() - started
             metrics.store_size(total)
-            metrics.evictor_walk(self.walk_seconds)
-            if self.walk_seconds > WALK_SHARE * self.interval:
-                log.debug(
-                    "cache_evict.walk_paced",
-                    walk_seconds=round(self.walk_seconds, 2),
-                    next_pass_s=round(pause_after(self.interval, self.walk_seconds), 1),
-                )
+            metrics.evictor_walk(self.walk_seconds)  # what spaces the passes (pause_after)
             if total <= self.max_size:
                 return None  # under budget: no database work
         if self.db is None:

@@ -131,6 +131,21 @@ def write(root: Path, rel: str, data: bytes) -> None:
     os.utime(path, (OLD, OLD))
 
 
+def restore_all(store: Store) -> None:
+    """Write back every file a test evicted (S3 holds each with its size: files it lacks, or
+    holds with another size, are never evicted)."""
+    rels = [rel for pair in store.remote for rel in pair]
+    rels += [paths.local_media(mid) for mid, _ in store.local]
+    gone = [rel for rel in rels if not (store.root / rel).exists()]
+    client = store.seaweed.client()
+
+    def get(rel: str) -> None:
+        write(store.root, rel, client.get_object(Bucket="media", Key=rel)["Body"].read())
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        list(pool.map(get, gone))
+
+
 @pytest.fixture(scope="module", params=["sqlite", "postgres"])
 def store(
     request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
@@ -275,34 +290,7 @@ def test_evict_takes_the_oldest_and_heads_only_what_it_deletes(store: Store) -> 
     assert sorted(heads) == sorted(oldest)
     assert sorted(store.gets()) == sorted(paths.local_media(m) for m in store.with_sha256)
     assert store.lists() == 0
-    restore_local(store, [mid for mid, _ in store.local[:k]])
-    for orig, thumb in store.remote:
-        for rel in (orig, thumb):
-            obj = store.seaweed.client().get_object(Bucket="media", Key=rel)
-            write(store.root, rel, obj["Body"].read())
-
-
-def restore_all(store: Store) -> None:
-    """Write back every file an earlier test evicted (S3 holds them all: files it lacks are
-    never evicted)."""
-    rels = [rel for pair in store.remote for rel in pair]
-    rels += [paths.local_media(mid) for mid, _ in store.local]
-    gone = [rel for rel in rels if not (store.root / rel).exists()]
-    client = store.seaweed.client()
-
-    def get(rel: str) -> None:
-        body = client.get_object(Bucket="media", Key=rel)["Body"].read()
-        write(store.root, rel, body[:SIZE] if rel in store.other_size else body)
-
-    with concurrent.futures.ThreadPoolExecutor(16) as pool:
-        list(pool.map(get, gone))
-
-
-def restore_local(store: Store, mids: list[str]) -> None:
-    client = store.seaweed.client()
-    for mid in mids:
-        rel = paths.local_media(mid)
-        write(store.root, rel, client.get_object(Bucket="media", Key=rel)["Body"].read())
+    restore_all(store)
 
 
 def test_evict_past_files_s3_lacks_takes_another_round(store: Store) -> None:
@@ -373,9 +361,7 @@ def test_a_pass_whose_walk_outlasts_its_time_limit_still_evicts(store: Store) ->
         assert summary.extra["over_budget_bytes"] == 0
         assert not any((store.root / rel).exists() for rel in oldest)
     finally:
-        client = store.seaweed.client()
-        for rel in oldest:
-            write(store.root, rel, client.get_object(Bucket="media", Key=rel)["Body"].read())
+        restore_all(store)
 
 
 def test_background_passes_go_on_until_the_store_fits(store: Store, tmp_path: Path) -> None:
@@ -407,10 +393,7 @@ def test_background_passes_go_on_until_the_store_fits(store: Store, tmp_path: Pa
         assert sum(f.size for f in walk(str(store.root))) <= budget
     finally:
         proxy.stop()
-        client = store.seaweed.client()
-        for rel in oldest:
-            if not (store.root / rel).exists():
-                write(store.root, rel, client.get_object(Bucket="media", Key=rel)["Body"].read())
+        restore_all(store)
     assert len(passes) >= 2, passes
     assert passes[0]["stopped"] == "time_limit" and "budget_walk_s" in passes[0]
     for before, after in itertools.pairwise(passes):
