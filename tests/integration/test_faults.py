@@ -148,6 +148,29 @@ def test_s3_down_gives_502_at_once_and_hits_keep_flowing(
     assert request_event(server, "s3down-miss")["source"] == "proxy"
 
 
+def test_misses_share_one_kept_alive_s3_connection_and_replace_it_once_closed(
+    synapse: Synapse, user_token: str, s3_faults: FaultProxy, start_proxy: StartProxy
+) -> None:
+    """The proxy's own S3 client (http1.Pool) keeps its connection between misses; one that
+    S3 closed while it was idle is replaced, and no miss fails for it."""
+    server = start_proxy()
+    media = [new_media(synapse, user_token, 5_000 + i, f"keepalive{i}.bin") for i in range(4)]
+    for m in media:
+        evict(synapse, m)
+    s3_faults.reset()
+    for m in media[:2]:
+        answer = get(server, m, user_token)
+        assert answer.status == 200 and answer.body == m.data
+    assert s3_faults.count("GET") == 2 and s3_faults.connections == 1
+    s3_faults.set_down(True)  # closes the idle connection under the proxy
+    s3_faults.set_down(False)
+    for i, m in enumerate(media[2:]):
+        answer = get(server, m, user_token, rid=f"keepalive-{i}")
+        assert answer.status == 200 and answer.body == m.data
+        assert request_event(server, f"keepalive-{i}")["source"] == "s3"
+    assert s3_faults.count("GET") == 4 and s3_faults.connections == 2
+
+
 def test_s3_slow_first_byte_gives_504_within_the_timeout(
     synapse: Synapse, user_token: str, s3_faults: FaultProxy, start_proxy: StartProxy
 ) -> None:
