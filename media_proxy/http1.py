@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ssl
 import time
 from collections.abc import Mapping
@@ -206,6 +207,14 @@ class Response:
             return
         self._released = True
         self._pool._release(self._conn, reuse=self._done and self.head.keep_alive)
+
+    def __del__(self) -> None:
+        # A response dropped unclosed (its task cancelled between the GET and the caller's
+        # `finally`) must not hold its pool slot for ever: GETs would queue behind it.
+        if not self._released:
+            self._released = True
+            with contextlib.suppress(Exception):  # a loop already closed, at exit
+                self._pool._release(self._conn, reuse=False)
 
 
 class Pool:

@@ -284,7 +284,8 @@ class Getter:
                 body = await response.read_all(_MAX_DOCUMENT)  # an error document
             except OSError:
                 body = b""
-            response.close()
+            finally:
+                response.close()
             if response.status in _RETRY_STATUSES and attempt == 1:
                 continue
             found = _CODE.search(body)

@@ -306,3 +306,16 @@ async def test_gets_past_the_limit_wait_for_a_slot(peer: StartPeer) -> None:
     response.close()
     assert p.connections == 1
     await pool.close()
+
+
+async def test_a_response_dropped_unclosed_gives_its_slot_back(peer: StartPeer) -> None:
+    p = await peer(lambda i: ok(b"w" * 10))
+    pool = p.pool(limit=1)
+    response = await pool.get("/b/k", {"Host": "h"})
+    assert await response.read(4) == b"wwww"
+    del response  # as when a task is cancelled between the GET and its `finally`
+    again = await asyncio.wait_for(pool.get("/b/k", {"Host": "h"}), 5)
+    assert await again.read_all(100) == b"w" * 10
+    again.close()
+    assert p.connections == 2  # the dropped one, half read, was not reused
+    await pool.close()
