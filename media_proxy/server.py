@@ -259,7 +259,8 @@ class Proxy:
         return sending.response if sending is not None else web.Response(status=499)
 
 
-def make_app(config: Config) -> web.Application:
+def make_app(config: Config) -> tuple[web.Application, connection.Handler]:
+    """The app (its hooks start and close the proxy) and the handler of every request."""
     app = web.Application(client_max_size=config.max_upload_size + 1024 * 1024)
     proxy = Proxy(config)
 
@@ -271,9 +272,7 @@ def make_app(config: Config) -> web.Application:
 
     app.on_startup.append(on_startup)
     app.on_cleanup.append(on_cleanup)
-    # Every path, "\n" included (an encoded newline made ".*" miss: aiohttp's own 404).
-    app.router.add_route("*", r"/{tail:[\s\S]*}", proxy.handle)
-    return app
+    return app, proxy.handle
 
 
 def _stop_signals() -> tuple[asyncio.Event, list[str]]:
@@ -305,8 +304,10 @@ def _run_worker(config: Config, *, reuse_port: bool) -> str:
 
     async def run() -> str:
         stopped, received = _stop_signals()
+        app, handler = make_app(config)
         runner = connection.Runner(  # request heads read as Synapse's Twisted does
-            make_app(config),
+            app,
+            handler=handler,
             access_log=None,
             handler_cancellation=False,
             shutdown_timeout=config.shutdown_grace,  # then running handlers are cancelled

@@ -523,3 +523,54 @@ def test_upload_with_expect_100_continue(
     media_id = json.loads(answer.body)["content_uri"].rsplit("/", 1)[1]
     media = Media(media_id, data, "image/png", "expect.bin", synapse.server_name)
     assert request(proxy.url, media.client_path(), headers=bearer(user_token)).body == data
+
+
+def _statuses(url: str, head: bytes) -> tuple[list[int], bytes]:
+    """The status codes of everything answered to one raw head (interim 1xx first) and the
+    final body, read to the end (the head asks to close)."""
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    received = b""
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(head)
+        while chunk := sock.recv(65536):
+            received += chunk
+    statuses = []
+    while received.startswith(b"HTTP/1."):
+        head, _, received = received.partition(b"\r\n\r\n")
+        statuses.append(int(head.split(b" ", 2)[1]))
+        if statuses[-1] >= 200:
+            break
+    return statuses, received
+
+
+@pytest.mark.parametrize(
+    ("version", "expect"),
+    [
+        ("HTTP/1.1", "100-continue"),
+        ("HTTP/1.1", "100-Continue"),
+        ("HTTP/1.1", "something-else"),
+        ("HTTP/1.0", "100-continue"),
+    ],
+)
+def test_expect_header_answered_as_synapse(
+    synapse: Synapse,
+    proxy: MediaProxy,
+    user_token: str,
+    uploaded: dict[str, Media],
+    version: str,
+    expect: str,
+) -> None:
+    """Twisted sends the interim 100 for `Expect: 100-continue` on HTTP/1.1, whatever the
+    request, and ignores any other expectation (aiohttp's router answered those with 417)."""
+    media = uploaded["text"]
+    head = (
+        f"GET {media.client_path()} {version}\r\nHost: x\r\nAuthorization: Bearer {user_token}"
+        f"\r\nExpect: {expect}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    ours, theirs = _statuses(proxy.url, head), _statuses(synapse.url, head)
+    assert (
+        ours[0]
+        == theirs[0]
+        == ([100, 200] if version == "HTTP/1.1" and expect != "something-else" else [200])
+    )
+    assert ours[1] == theirs[1] == media.data
