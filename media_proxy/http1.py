@@ -17,7 +17,7 @@ import collections
 import contextlib
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -231,8 +231,10 @@ class Pool:
         connect_timeout: float,
         read_timeout: float,
         buffer: int,
+        on_connect: Callable[[], None] | None = None,
     ) -> None:
         self.host, self.port = host, port
+        self.on_connect = on_connect  # told of each new connection (a metric)
         self.ssl: ssl.SSLContext | None = (
             ssl.create_default_context() if scheme == "https" else None
         )
@@ -241,6 +243,7 @@ class Pool:
         self._slots = asyncio.Semaphore(limit)
         self._idle: collections.deque[_Connection] = collections.deque()
         self._open: set[_Connection] = set()
+        self._closed = False
 
     async def get(self, target: str, headers: Mapping[str, str]) -> Response:
         """Send a GET and read its answer's head. A reused connection that turns out closed
@@ -308,10 +311,12 @@ class Pool:
             )
         conn = _Connection(reader, writer)
         self._open.add(conn)
+        if self.on_connect is not None:
+            self.on_connect()
         return conn
 
     def _release(self, conn: _Connection, *, reuse: bool) -> None:
-        if reuse and not conn.writer.is_closing():
+        if reuse and not self._closed and not conn.writer.is_closing():
             conn.idle_since = time.monotonic()
             self._idle.append(conn)
         else:
@@ -323,7 +328,9 @@ class Pool:
         conn.close()
 
     async def close(self) -> None:
-        """Close every connection, idle or in use."""
+        """Close every connection, idle or in use (an answer still being read then ends
+        with an error, or with what was already received); none is kept afterwards."""
+        self._closed = True
         for conn in list(self._open):
             self._discard(conn)
         self._idle.clear()

@@ -76,6 +76,11 @@ class _Metrics:
             buckets=_S3_BUCKETS,
             registry=None,
         )
+        self.s3_connections_opened = counter(
+            "media_proxy_s3_connections_opened",
+            "Connections opened to S3 for the proxy's own GETs and listings (kept alive"
+            " between them).",
+        )
         self.s3_breaker_refused = counter(
             "media_proxy_s3_breaker_refused",
             "GetObject calls not made because the circuit breaker was open.",
@@ -251,6 +256,11 @@ async def s3_call(method: str, call: Awaitable[T]) -> T:
     finally:
         _m.s3_duration.labels(method).observe(time.perf_counter() - started)
         _m.s3_requests.labels(method, s3_outcome(error)).inc()
+
+
+def s3_connection_opened() -> None:
+    if _m is not None:
+        _m.s3_connections_opened.inc()
 
 
 def s3_breaker_refused() -> None:

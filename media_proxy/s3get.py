@@ -25,7 +25,7 @@ from xml.etree import ElementTree
 
 from botocore.exceptions import ClientError
 
-from media_proxy import http1
+from media_proxy import http1, metrics
 from media_proxy.config import S3Config
 
 _UNSIGNED: Final = "UNSIGNED-PAYLOAD"
@@ -243,6 +243,7 @@ class Getter:
             connect_timeout=config.connect_timeout,
             read_timeout=config.read_timeout,
             buffer=READ_BUFFER,
+            on_connect=metrics.s3_connection_opened,
         )
 
     async def close(self) -> None:

@@ -234,6 +234,9 @@ def test_counters_sum_exactly_across_workers(
         ("GetObject",): 1
     }
     assert delta(before, after, "media_proxy_fills_started_total") == {(): 1}
+    # S3 connections the workers opened (none when the miss's worker kept one from earlier)
+    opened = "media_proxy_s3_connections_opened_total"
+    assert total(after, opened) - total(before, opened) == s3_faults.connections
     # every authenticated download asked the auth cache once, and the media row cache once
     # the token was good
     downloads = sum(1 for r in rids if "-hit-" in r or "-miss-" in r or "hangup" in r)

@@ -319,3 +319,26 @@ async def test_a_response_dropped_unclosed_gives_its_slot_back(peer: StartPeer) 
     again.close()
     assert p.connections == 2  # the dropped one, half read, was not reused
     await pool.close()
+
+
+async def test_each_new_connection_is_told_and_a_closed_pool_keeps_none(peer: StartPeer) -> None:
+    p = await peer(lambda i: ok(b"q"))
+    opened: list[int] = []
+    pool = http1.Pool(
+        "http",
+        "127.0.0.1",
+        p.server.sockets[0].getsockname()[1] if p.server else 0,
+        limit=4,
+        connect_timeout=2.0,
+        read_timeout=5.0,
+        buffer=64 * 1024,
+        on_connect=lambda: opened.append(1),
+    )
+    for _ in range(3):
+        assert await get_body(pool) == b"q"
+    assert len(opened) == 1 == p.connections
+    response = await pool.get("/b/k", {"Host": "h"})
+    await pool.close()  # while a GET is still being read
+    assert await response.read_all(10) == b"q"
+    response.close()
+    assert not pool._idle and not pool._open
