@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import ssl
 import time
 from collections.abc import Callable, Mapping
@@ -210,11 +211,14 @@ class Response:
 
     def __del__(self) -> None:
         # A response dropped unclosed (its task cancelled between the GET and the caller's
-        # `finally`) must not hold its pool slot for ever: GETs would queue behind it.
+        # `finally`) must not hold its pool slot for ever: GETs would queue behind it. The
+        # garbage collector may run this in any thread: the release goes through the loop.
         if not self._released:
             self._released = True
-            with contextlib.suppress(Exception):  # a loop already closed, at exit
-                self._pool._release(self._conn, reuse=False)
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to free
+                self._pool.loop.call_soon_threadsafe(
+                    functools.partial(self._pool._release, self._conn, reuse=False)
+                )
 
 
 class Pool:
@@ -244,6 +248,7 @@ class Pool:
         self._idle: collections.deque[_Connection] = collections.deque()
         self._open: set[_Connection] = set()
         self._closed = False
+        self.loop = asyncio.get_running_loop()
 
     async def get(self, target: str, headers: Mapping[str, str]) -> Response:
         """Send a GET and read its answer's head. A reused connection that turns out closed
