@@ -41,7 +41,9 @@ def usable(config: S3Config) -> bool:
     if config.session_token or config.sse_customer_key or config.addressing_style != "path":
         return False
     url = urllib.parse.urlsplit(config.endpoint_url)
-    return url.scheme in ("http", "https") and url.path in ("", "/") and not url.query
+    if url.scheme not in ("http", "https") or url.path not in ("", "/") or url.query:
+        return False
+    return bool(url.hostname) and url.username is None  # the Host header is the netloc
 
 
 @dataclass

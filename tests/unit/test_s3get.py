@@ -87,6 +87,9 @@ def test_used_only_where_botocore_is_not_needed() -> None:
     assert s3get.usable(config(endpoint_url="https://s3.example.org/"))
     assert not s3get.usable(config(endpoint_url=None))  # AWS's own endpoints: botocore's
     assert not s3get.usable(config(endpoint_url="http://h:1/base"))
+    assert not s3get.usable(config(endpoint_url="http://:9000"))
+    assert not s3get.usable(config(endpoint_url="http://user:pw@h:9000"))
+    assert s3get.usable(config(endpoint_url="http://[::1]:9000"))
     assert not s3get.usable(config(addressing_style="virtual"))
     assert not s3get.usable(config(session_token="t"))
     assert not s3get.usable(config(sse_customer_key="x" * 32))
