@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from devstack.nginx import Nginx, nginx_binary
-from devstack.procs import LOOPBACK, ManagedProcess, free_port, stop_all
+from devstack.procs import LOOPBACK, ManagedProcess, free_port, stop_all, stop_on_sigterm
 from devstack.proxy import MediaProxy
 from devstack.seaweed import SeaweedFS
 from devstack.synapse import Synapse
@@ -335,6 +335,7 @@ def print_table(rows: list[tuple[Case, str, dict[str, Any], str]]) -> None:
 
 
 def main() -> None:
+    stop_on_sigterm()  # a benchmark stopped with SIGTERM still stops its servers
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=3.0, help="per timed row (default 3)")
     parser.add_argument("--workers", type=int, default=2, help="media-proxy workers (default 2)")

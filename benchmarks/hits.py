@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks.compare import ACCEL_LOCATION, front_nginx, start_proxy, static_nginx
-from devstack.procs import stop_all
+from devstack.procs import stop_all, stop_on_sigterm
 from devstack.seaweed import SeaweedFS
 from devstack.synapse import Synapse
 from media_proxy import paths
@@ -54,6 +54,7 @@ def wrk(url: str, token: str, connections: int, seconds: int) -> tuple[float, st
 
 
 def main() -> None:
+    stop_on_sigterm()  # a benchmark stopped with SIGTERM still stops its servers
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)

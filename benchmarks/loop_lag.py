@@ -35,7 +35,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from devstack.procs import stop_all
+from devstack.procs import stop_all, stop_on_sigterm
 from devstack.proxy import MediaProxy
 from devstack.seaweed import SeaweedFS
 from devstack.synapse import Synapse
@@ -234,6 +234,7 @@ def measure(
 
 
 def main() -> None:
+    stop_on_sigterm()  # a benchmark stopped with SIGTERM still stops its servers
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, default=200_000)
     parser.add_argument("--size-mib", type=int, default=200)

@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from devstack.procs import stop_all
+from devstack.procs import stop_all, stop_on_sigterm
 from devstack.proxy import MediaProxy
 from devstack.seaweed import SeaweedFS
 from devstack.synapse import Synapse
@@ -73,6 +73,7 @@ def download(port: int, path: str, token: str, pid: int) -> tuple[int, int, int,
 
 
 def main() -> None:
+    stop_on_sigterm()  # a benchmark stopped with SIGTERM still stops its servers
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=200)
     args = parser.parse_args()

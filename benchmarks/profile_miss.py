@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 from benchmarks.compare import settle
-from devstack.procs import stop_all
+from devstack.procs import stop_all, stop_on_sigterm
 from devstack.proxy import MediaProxy
 from devstack.seaweed import SeaweedFS
 from devstack.synapse import Synapse
@@ -54,6 +54,7 @@ def collapsed(path: Path) -> tuple[collections.Counter[str], collections.Counter
 
 
 def main() -> None:
+    stop_on_sigterm()  # a benchmark stopped with SIGTERM still stops its servers
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", default="20M", help="a number with K or M")
     parser.add_argument("--seconds", type=float, default=8.0)

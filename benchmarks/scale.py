@@ -41,6 +41,7 @@ from typing import Any
 
 import yaml
 
+from devstack.procs import stop_on_sigterm
 from devstack.seaweed import SeaweedFS
 from devstack.synapse import Synapse
 from media_proxy import paths
@@ -270,6 +271,7 @@ def measure(work: Path, files: int, only: list[str] | None = None) -> list[dict[
 
 
 def main() -> None:
+    stop_on_sigterm()  # a benchmark stopped with SIGTERM still stops its servers
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--files", type=int, action="append", help="store size (repeatable)")
     parser.add_argument("--dir", type=Path, default=Path("/var/tmp/media-proxy-scale"))

@@ -15,6 +15,7 @@ import random
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -254,3 +255,10 @@ def stop_all() -> None:
 
 
 atexit.register(stop_all)
+
+
+def stop_on_sigterm() -> None:
+    """Make SIGTERM end this process as Ctrl-C does (SystemExit in the main thread), so its
+    `finally` blocks and `stop_all` stop the servers it started; by default SIGTERM kills
+    it at once and leaves them running. For scripts (benchmarks), not for pytest."""
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
