@@ -390,6 +390,7 @@ def header_blocks(draw: st.DrawFn, token: str) -> list[bytes]:
         b"Content-Length: 0",
         b"Content-Length: +0",
         b"Transfer-Encoding: gzip",
+        b"Expect: nonsense",  # Twisted ignores it (test_serving checks the clean case)
         b"X-Utf8: \xc3\xa9",
         b"X-Long: " + b"l" * 8000,  # two of these exceed Twisted's 16 KiB, not nginx's 32k
     ]
