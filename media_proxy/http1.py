@@ -126,11 +126,19 @@ class Response:
 
     def __init__(self, pool: Pool, conn: _Connection, head: Head) -> None:
         self._pool, self._conn, self.head = pool, conn, head
-        self.status, self.headers, self.length = head.status, head.headers, head.length
         self._left = head.length  # body bytes still to read; None: chunked or until close
         self._chunk_left = 0  # chunked: bytes left in the current chunk
         self._done = head.length == 0
         self._released = False
+
+    @property
+    def status(self) -> int:
+        return self.head.status
+
+    @property
+    def length(self) -> int | None:
+        """Content-Length; None when chunked or ended by closing."""
+        return self.head.length
 
     async def read(self, n: int) -> bytes:
         """Up to `n` bytes of the body, as they come; b"" at its end. ProtocolError when

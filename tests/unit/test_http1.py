@@ -119,17 +119,24 @@ class Peer:
         finally:
             writer.close()
 
-    def pool(self, **kw: float) -> http1.Pool:
+    def pool(
+        self,
+        *,
+        limit: int = 4,
+        read_timeout: float = 5.0,
+        on_connect: Callable[[], None] | None = None,
+    ) -> http1.Pool:
         assert self.server is not None
         port = self.server.sockets[0].getsockname()[1]
         return http1.Pool(
             "http",
             "127.0.0.1",
             port,
-            limit=int(kw.get("limit", 4)),
+            limit=limit,
             connect_timeout=2.0,
-            read_timeout=kw.get("read_timeout", 5.0),
+            read_timeout=read_timeout,
             buffer=64 * 1024,
+            on_connect=on_connect,
         )
 
 
@@ -324,16 +331,7 @@ async def test_a_response_dropped_unclosed_gives_its_slot_back(peer: StartPeer) 
 async def test_each_new_connection_is_told_and_a_closed_pool_keeps_none(peer: StartPeer) -> None:
     p = await peer(lambda i: ok(b"q"))
     opened: list[int] = []
-    pool = http1.Pool(
-        "http",
-        "127.0.0.1",
-        p.server.sockets[0].getsockname()[1] if p.server else 0,
-        limit=4,
-        connect_timeout=2.0,
-        read_timeout=5.0,
-        buffer=64 * 1024,
-        on_connect=lambda: opened.append(1),
-    )
+    pool = p.pool(on_connect=lambda: opened.append(1))
     for _ in range(3):
         assert await get_body(pool) == b"q"
     assert len(opened) == 1 == p.connections
