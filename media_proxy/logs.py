@@ -2,14 +2,36 @@
 
 from __future__ import annotations
 
+import asyncio
+import atexit
+import datetime
+import json
 import logging
+import os
 import sys
+import threading
+from typing import Any, Final
 
 import structlog
 
+# Lines of one loop iteration are written together in pieces of at most this size: a write
+# of up to PIPE_BUF bytes to a pipe is never split by another worker's (and a shared file's
+# writes are serialized by the kernel), so no event is ever cut by another.
+_PIECE: Final = 4096
+
+
+# Where `info` writes directly (JSON output), else None: structlog's chain, or nothing.
+_direct: Lines | None = None
+_info_enabled = True
+_log = structlog.get_logger("media_proxy")
+
 
 def configure(fmt: str = "auto", level: str = "info") -> None:
+    global _direct, _info_enabled
     console = fmt == "console" or (fmt == "auto" and sys.stderr.isatty())
+    threshold = logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
+    _info_enabled = threshold <= logging.INFO
+    _direct = None if console else _lines_for(sys.stderr)
     renderer: structlog.typing.Processor = (
         structlog.dev.ConsoleRenderer() if console else structlog.processors.JSONRenderer()
     )
@@ -21,17 +43,18 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
             structlog.processors.format_exc_info,
             renderer,
         ],
-        wrapper_class=structlog.make_filtering_bound_logger(
-            logging.getLevelNamesMapping().get(level.upper(), logging.INFO)
-        ),
-        # One write per event (print() writes the line and its newline separately, so the
-        # events of several workers sharing stderr could interleave on one line).
-        logger_factory=structlog.WriteLoggerFactory(sys.stderr),
+        wrapper_class=structlog.make_filtering_bound_logger(threshold),
+        # Whole lines only, gathered per loop iteration (see `Lines`).
+        logger_factory=structlog.WriteLoggerFactory(sys.stderr)
+        if console
+        else _LinesLoggerFactory(_lines_for(sys.stderr)),
         cache_logger_on_first_use=True,
     )
     # Libraries log through the standard library (aiohttp, asyncio, botocore): render their
     # records with the same renderer, so every line the proxy prints is one event.
-    handler = logging.StreamHandler(sys.stderr)
+    handler: logging.Handler = (
+        logging.StreamHandler(sys.stderr) if console else _LinesHandler(_lines_for(sys.stderr))
+    )
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             processors=[
@@ -54,6 +77,29 @@ def configure(fmt: str = "auto", level: str = "info") -> None:
     logging.getLogger("aiohttp.access").disabled = True
 
 
+_dumps = json.JSONEncoder(default=repr).encode
+
+
+def info(event: str, fields: dict[str, Any]) -> None:
+    """`log.info(event, **fields)`, the same JSON line, without structlog's machinery.
+
+    For the event every request logs: through the bound logger and its processors it cost a
+    serving worker 15 to 20 us of its ~130 us per cache hit. Console output (a terminal)
+    goes through structlog as any event. `fields` is taken over.
+    """
+    if not _info_enabled:
+        return
+    if _direct is None:
+        _log.info(event, **fields)
+        return
+    fields["event"] = event
+    structlog.contextvars.merge_contextvars(None, "info", fields)
+    fields["level"] = "info"
+    now = datetime.datetime.now(tz=datetime.UTC).isoformat()
+    fields["timestamp"] = now.replace("+00:00", "Z")
+    _direct.add(_dumps(fields).encode("utf-8", "backslashreplace") + b"\n")
+
+
 def _library_warning_without_traceback(
     _logger: object, _method: str, event: structlog.typing.EventDict
 ) -> structlog.typing.EventDict:
@@ -67,3 +113,128 @@ def _library_warning_without_traceback(
         if error is not None:
             event["error"] = f"{type(error).__name__}: {error}"
     return event
+
+
+class Lines:
+    """Whole log lines to a file descriptor, gathered while an event loop runs and written
+    once per loop iteration (`call_soon`), in pieces of whole lines.
+
+    One write per event cost a serving worker about 15 us of its ~130 us per cache hit
+    (an append to the log file: its size and times change with each write); a loop
+    iteration that answers several requests now writes their lines at once. Lines from
+    outside the loop's thread, or with no loop running, are written at once, after
+    whatever was gathered, so the order of a process's lines is the order of its events.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._lines: list[bytes] = []
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop a flush is due on
+        self._lock = threading.Lock()
+
+    def add(self, line: bytes) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        with self._lock:
+            self._lines.append(line)
+            if loop is None or (self._loop is not None and self._loop is not loop):
+                self._flush_locked()
+            elif self._loop is None:
+                self._loop = loop
+                loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        self._loop = None
+        lines, self._lines = self._lines, []
+        for piece in pieces(lines):
+            self._write(piece)
+
+    def _write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.fd, view)
+            except InterruptedError:
+                continue
+            except OSError:
+                return  # stderr closed or full: a log line must never take the process down
+            view = view[n:]
+
+
+def pieces(lines: list[bytes], limit: int = _PIECE) -> list[bytes]:
+    """`lines` joined into as few writes as possible, each whole lines of at most `limit`
+    bytes together (a longer line is a write of its own)."""
+    out: list[bytes] = []
+    piece: list[bytes] = []
+    size = 0
+    for line in lines:
+        if piece and size + len(line) > limit:
+            out.append(b"".join(piece))
+            piece, size = [], 0
+        piece.append(line)
+        size += len(line)
+    if piece:
+        out.append(b"".join(piece))
+    return out
+
+
+_by_fd: dict[int, Lines] = {}
+
+
+def _lines_for(stream: Any) -> Lines:
+    fd = stream.fileno()
+    if fd not in _by_fd:
+        _by_fd[fd] = Lines(fd)
+    return _by_fd[fd]
+
+
+def flush() -> None:
+    """Write every gathered line now (before `os._exit`, a fork, or the loop's end)."""
+    for lines in _by_fd.values():
+        lines.flush()
+
+
+atexit.register(flush)
+
+
+class _LinesLogger:
+    """structlog's logger over `Lines`: `msg` takes one rendered event."""
+
+    def __init__(self, lines: Lines) -> None:
+        self._lines = lines
+
+    def msg(self, message: str) -> None:
+        self._lines.add(message.encode("utf-8", "backslashreplace") + b"\n")
+
+    log = debug = info = warn = warning = err = error = critical = exception = fatal = msg
+
+
+class _LinesLoggerFactory:
+    def __init__(self, lines: Lines) -> None:
+        self._lines = lines
+
+    def __call__(self, *args: Any) -> _LinesLogger:
+        return _LinesLogger(self._lines)
+
+
+class _LinesHandler(logging.Handler):
+    """The standard library's records (aiohttp, asyncio, botocore) into the same `Lines`,
+    so they keep their place among the proxy's own events."""
+
+    def __init__(self, lines: Lines) -> None:
+        super().__init__()
+        self._lines = lines
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        self._lines.add(line.encode("utf-8", "backslashreplace") + b"\n")

@@ -20,7 +20,7 @@ from typing import Final
 import structlog
 from aiohttp import web
 
-from media_proxy import connection, metrics, parse, respond
+from media_proxy import connection, logs, metrics, parse, respond
 from media_proxy import headers as h
 from media_proxy.authorize import Authorizer
 from media_proxy.config import Config
@@ -184,19 +184,21 @@ class Proxy:
                 seconds=time.perf_counter() - started,
                 aborted=aborted,
             )
-            log.info(
+            logs.info(
                 "request",
-                request_id=request.headers.get("X-Request-ID") or os.urandom(8).hex(),
-                method=request.method,
-                path=request.path,  # never the query: it may carry an access token
-                route=f"{media.api.value}-{media.kind.value}" if media else "other",
-                media_id=media.media_id if media else None,
-                source=outcome.source,
-                status=response.status if response is not None else None,
-                bytes=sending.sent if sending is not None else outcome.bytes,
-                ms=round((time.perf_counter() - started) * 1000, 2),
-                **({"aborted": aborted} if aborted else {}),
-                **({"decide": True} if request.get(DECIDE) else {}),
+                {
+                    "request_id": request.headers.get("X-Request-ID") or os.urandom(8).hex(),
+                    "method": request.method,
+                    "path": request.path,  # never the query: it may carry an access token
+                    "route": f"{media.api.value}-{media.kind.value}" if media else "other",
+                    "media_id": media.media_id if media else None,
+                    "source": outcome.source,
+                    "status": response.status if response is not None else None,
+                    "bytes": sending.sent if sending is not None else outcome.bytes,
+                    "ms": round((time.perf_counter() - started) * 1000, 2),
+                    **({"aborted": aborted} if aborted else {}),
+                    **({"decide": True} if request.get(DECIDE) else {}),
+                },
             )
 
     async def _answer(
@@ -433,6 +435,7 @@ def _supervise(config: Config) -> int:
             except BaseException:
                 log.exception("worker.crashed")
             finally:
+                logs.flush()  # os._exit skips atexit
                 os._exit(code)
         children[pid] = slot
         started_at[pid] = time.monotonic()
