@@ -8,6 +8,7 @@ A relative path doubles as the S3 key (after the provider's prefix).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import posixpath
@@ -57,7 +58,9 @@ def _thumbnail_name(width: int, height: int, content_type: str, method: str) -> 
 
 
 def _checked(rel: str) -> str:
-    """Second line of defence: the normalized path must stay below the store root."""
+    """Second line of defence: the path must be normalized and relative, without a ".."
+    (a normalized path keeps ".." only at its start) and not "." itself; joined to a
+    normalized root it then names something strictly below it."""
     norm = posixpath.normpath(rel)
     if norm != rel or norm.startswith(("/", "../")) or norm == "..":
         raise PathError(f"path escapes the media store: {rel!r}")
@@ -101,12 +104,16 @@ def url_cache_media(media_id: str) -> str:
 
 
 def in_store(root: str, rel: str) -> str:
-    """Absolute path of `rel` below `root`, jail-checked against the normalized root."""
+    """The path of `rel` below `root` (normalized), jail-checked: `rel` must pass `_checked`,
+    which keeps it strictly below any normalized root it is joined to. (Every hit asks this:
+    a string join, not a normalization and a common-path search of the whole path.)"""
+    return _root_prefix(root) + _checked(rel)
+
+
+@functools.lru_cache(maxsize=16)
+def _root_prefix(root: str) -> str:
     base = os.path.normpath(root)
-    full = os.path.normpath(os.path.join(base, _checked(rel)))
-    if os.path.commonpath((base, full)) != base:
-        raise PathError(f"path escapes the media store: {rel!r}")
-    return full
+    return base if base.endswith("/") else base + "/"
 
 
 def fill_name(rel: str) -> str:

@@ -6,11 +6,14 @@ subprocess) over the same table and require the same relative paths and the same
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from media_proxy import paths
 from media_proxy.paths import PathError
@@ -234,11 +237,29 @@ def test_in_store(root: str, rel: str, expected: str) -> None:
         "a//b",
         "a/b/",
         "",
+        ".",
+        "./a",
     ],
 )
 def test_in_store_refuses_escapes_and_unnormalized_paths(rel: str) -> None:
     with pytest.raises(PathError):
         paths.in_store("/store", rel)
+
+
+@given(st.lists(st.sampled_from(["a", "b", ".", "..", "", "/", "x.y", "..."]), max_size=6))
+def test_in_store_stays_strictly_below_its_root_as_synapses_jail_check(parts: list[str]) -> None:
+    """Whatever `rel` is, in_store either refuses it or names a path strictly below the root
+    that normalizing (as Synapse's `_wrap_with_jail_check` does) leaves unchanged."""
+    rel = "".join(parts)
+    for root in ("/store", "/srv/./media//store/", "/", "store"):
+        try:
+            full = paths.in_store(root, rel)
+        except PathError:
+            continue
+        base = os.path.normpath(root)
+        assert os.path.normpath(full) == full
+        assert os.path.commonpath((base, full)) == base
+        assert full != base
 
 
 def test_in_store_accepts_every_built_path(tmp_path: Path) -> None:
