@@ -10,6 +10,7 @@ the proxy served.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import time
@@ -553,6 +554,7 @@ class Metadata:
         self._flush_interval = flush_interval
         self._writable = True
         self._flusher: asyncio.Task[None] | None = None
+        self._flushing: asyncio.Future[None] | None = None  # the flusher's write, if any
 
     async def start(self) -> None:
         try:
@@ -672,8 +674,11 @@ class Metadata:
         pending access times grow until the cap, and never write them)."""
         while True:
             await asyncio.sleep(self._flush_interval)
+            # Shielded: stopping the flusher (close) must not cut a write in half and close
+            # the database under it; close waits for it instead.
+            self._flushing = asyncio.ensure_future(self.flush())
             try:
-                await self.flush()
+                await asyncio.shield(self._flushing)
             except Exception as e:
                 log.error("access_times.flush_error", error=repr(e))
 
@@ -684,5 +689,8 @@ class Metadata:
     async def close(self) -> None:
         if self._flusher is not None:
             self._flusher.cancel()
+        if self._flushing is not None:
+            with contextlib.suppress(Exception):  # logged by the flusher, if it still runs
+                await self._flushing
         await self.flush()
         await self.db.close()
