@@ -141,10 +141,13 @@ class MediaProxy:
             raise LogProblem(self.log_path, problems)
 
     def stop(self) -> None:
+        """Stop the proxy, then check what it logged while stopping (LogProblem): a stop is
+        an expected condition too, and nothing else looks at a stopped proxy's log."""
         if self.process is not None:
             self.process.stop()
             self.process = None
             RUNNING.discard(self)
+            self.check_log()
 
     def restart(self, **changes: Any) -> Self:
         """Stop, change attributes (e.g. config=..., workers=...), start again on the same port."""

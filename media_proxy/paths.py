@@ -62,7 +62,7 @@ def _checked(rel: str) -> str:
     (a normalized path keeps ".." only at its start) and not "." itself; joined to a
     normalized root it then names something strictly below it."""
     norm = posixpath.normpath(rel)
-    if norm != rel or norm.startswith(("/", "../")) or norm == "..":
+    if norm != rel or norm.startswith(("/", "../")) or norm in ("..", "."):
         raise PathError(f"path escapes the media store: {rel!r}")
     return rel
 
