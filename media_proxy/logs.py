@@ -200,7 +200,15 @@ def flush() -> None:
         lines.flush()
 
 
+def _after_fork_in_child() -> None:
+    for lines in _by_fd.values():
+        lines._lock = threading.Lock()  # another thread of the parent may have held it
+        lines._lines, lines._loop = [], None
+
+
 atexit.register(flush)
+# Gathered lines are written before a fork, never by both processes after it.
+os.register_at_fork(before=flush, after_in_child=_after_fork_in_child)
 
 
 class _LinesLogger:

@@ -189,6 +189,29 @@ def test_a_worker_leaving_by_os_exit_after_flush_keeps_its_lines(tmp_path: Path)
         assert ('"n": 1' in written) is flush
 
 
+def test_gathered_lines_are_written_once_across_a_fork() -> None:
+    lines, _ = run(
+        """
+        import asyncio, os
+        from media_proxy import logs
+        logs.configure("json", "info")
+
+        async def main() -> None:
+            logs.info("before.fork", {})
+            pid = os.fork()
+            if pid == 0:
+                logs.info("child", {})
+                logs.flush()
+                os._exit(0)
+            os.waitpid(pid, 0)
+            logs.info("parent", {})
+        asyncio.run(main())
+        """
+    )
+    events = [json.loads(line)["event"] for line in lines]
+    assert events == ["before.fork", "child", "parent"]
+
+
 @given(st.lists(st.binary(min_size=1, max_size=300).map(lambda b: b + b"\n"), max_size=60))
 def test_pieces_are_whole_lines_in_order_within_the_limit(lines: list[bytes]) -> None:
     out = pieces(lines, limit=512)
