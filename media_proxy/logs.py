@@ -98,7 +98,7 @@ def info(event: str, fields: dict[str, Any]) -> None:
     fields["level"] = "info"
     now = datetime.datetime.now(tz=datetime.UTC).isoformat()
     fields["timestamp"] = now.replace("+00:00", "Z")
-    _direct.add(_dumps(fields).encode("utf-8", "backslashreplace") + b"\n")
+    _direct.add(_dumps(fields))
 
 
 def _library_warning_without_traceback(
@@ -133,7 +133,9 @@ class Lines:
         self._loop: asyncio.AbstractEventLoop | None = None  # the loop a flush is due on
         self._lock = threading.Lock()
 
-    def add(self, line: bytes) -> None:
+    def add(self, text: str) -> None:
+        """One rendered event, without its newline."""
+        line = text.encode("utf-8", "backslashreplace") + b"\n"
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
@@ -219,7 +221,7 @@ class _LinesLogger:
         self._lines = lines
 
     def msg(self, message: str) -> None:
-        self._lines.add(message.encode("utf-8", "backslashreplace") + b"\n")
+        self._lines.add(message)
 
     log = debug = info = warn = warning = err = error = critical = exception = fatal = msg
 
@@ -246,4 +248,4 @@ class _LinesHandler(logging.Handler):
         except Exception:
             self.handleError(record)
             return
-        self._lines.add(line.encode("utf-8", "backslashreplace") + b"\n")
+        self._lines.add(line)

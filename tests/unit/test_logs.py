@@ -120,7 +120,7 @@ def test_lines_keep_the_order_of_their_events() -> None:
             thread.join()
             log.info("five")
             await asyncio.sleep(0)
-            log.info("six")  # still gathered when the loop ends: written at exit
+            log.info("six")  # gathered as main() returns: written as the loop winds down
         asyncio.run(main())
         log.info("seven")
         """
