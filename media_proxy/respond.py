@@ -27,6 +27,10 @@ from media_proxy.s3 import S3Object
 _STATE: Final = "media_proxy.sending"
 # Chunks under this are hashed on the loop: a thread hop costs more than hashing them.
 _HASH_INLINE_MAX: Final = 64 * 1024
+# Hits (or ranges) up to this size are read and sent with the headers in one write rather
+# than a header write and a sendfile: one socket call less, about 5% of a 1 KiB hit's CPU
+# (alternating runs, wrk at 32 connections). At 48 KiB the copy costs what it saves.
+_INLINE_MAX: Final = 16 * 1024
 
 
 class Aborted(Exception):
@@ -296,12 +300,24 @@ def _ranged(media_headers: h.Headers, byte_range: ByteRange) -> h.Headers:
     return headers
 
 
+class _HeldHeaders(web.StreamResponse):
+    """Headers kept until the body's write, which sends both at once (aiohttp's Response
+    does the same; should aiohttp drop the attribute, the headers only go out earlier)."""
+
+    _send_headers_immediately = False
+
+
 async def _start(
-    request: web.Request, media_headers: h.Headers, byte_range: ByteRange | None = None
+    request: web.Request,
+    media_headers: h.Headers,
+    byte_range: ByteRange | None = None,
+    *,
+    hold: bool = False,
 ) -> web.StreamResponse:
     if byte_range is not None:
         media_headers = _ranged(media_headers, byte_range)
-    response = web.StreamResponse(status=200 if byte_range is None else 206)
+    kind = _HeldHeaders if hold else web.StreamResponse
+    response = kind(status=200 if byte_range is None else 206)
     for name, value in media_headers:
         response.headers.add(name, value)
     await prepare(request, response)
@@ -316,10 +332,34 @@ async def file(
     byte_range: ByteRange | None = None,
 ) -> web.StreamResponse:
     """A complete store file (a cache hit), or one range of it (206)."""
-    response = await _start(request, media_headers, byte_range)
     start, count = (0, length) if byte_range is None else (byte_range.start, byte_range.size)
+    if 0 < count <= _INLINE_MAX and request.method != "HEAD":
+        return await _small_file(request, media_headers, fd, start, count, byte_range)
+    response = await _start(request, media_headers, byte_range)
     if request.method != "HEAD" and count:
         await _sendfile(request, fd, start, count)
+    await finish(request)
+    return response
+
+
+async def _small_file(
+    request: web.Request,
+    media_headers: h.Headers,
+    fd: int,
+    start: int,
+    count: int,
+    byte_range: ByteRange | None,
+) -> web.StreamResponse:
+    """A small body read whole (from the page cache, as sendfile would) before the headers:
+    a failed or short read aborts with nothing sent."""
+    try:
+        data = os.pread(fd, count, start)
+    except OSError as e:
+        raise Aborted(f"reading the file failed: {e}", cause="store") from e
+    if len(data) != count:
+        raise Aborted(f"file ended {count - len(data)} bytes early", cause="store")
+    response = await _start(request, media_headers, byte_range, hold=True)
+    await write(request, data)
     await finish(request)
     return response
 

@@ -117,6 +117,25 @@ def test_read_error_mid_send_aborts_and_never_answers_twice(
     assert get(disk_proxy, media, user_token, "eio-read-after").body == media.data
 
 
+def test_read_error_on_a_small_hit_aborts_before_any_byte(
+    synapse: Synapse, user_token: str, faulty_store: FaultFS, disk_proxy: MediaProxy
+) -> None:
+    """A small hit is read before its headers go out (they leave in one write with the
+    body): EIO there aborts the connection with nothing sent, never a short clean 200 and
+    never Synapse's answer after ours."""
+    media = new_media(synapse, user_token, 3000, "eio-small.bin")
+    faulty_store.fail_reads(match=media.rel)
+    stream = raw_get(disk_proxy, media, user_token, "eio-small")
+    assert faulty_store.hits().get("read", 0) >= 1
+    assert stream == b""
+    event = request_event(disk_proxy, "eio-small")
+    assert event["aborted"] == "store" and event["source"] == "cache"
+    assert event["status"] == 499 and event["bytes"] == 0  # no status went out
+    faulty_store.clear()
+    answer = get(disk_proxy, media, user_token, "eio-small-after")
+    assert answer.status == 200 and answer.body == media.data
+
+
 def test_write_error_mid_fill_aborts_then_misses_stream_uncached(
     synapse: Synapse, user_token: str, faulty_store: FaultFS, disk_proxy: MediaProxy
 ) -> None:
