@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Final
 
 import cachetools
@@ -198,8 +198,14 @@ async def send(
     """Locate the file (store, else a fill from S3) and send it; neither: PassThrough."""
     config = env.config
     byte_range: ByteRange | None = None
-    if config.ranges and source.rangeable:
-        source = replace(source, headers=[*source.headers, ("Accept-Ranges", "bytes")])
+    if config.ranges and source.rangeable:  # (not dataclasses.replace: 1 us more)
+        source = Source(
+            source.rel,
+            source.length,
+            source.sha256,
+            [*source.headers, ("Accept-Ranges", "bytes")],
+            source.rangeable,
+        )
     if deciding(request):
         return decide(env, request, source, outcome)
     if config.ranges and source.rangeable:

@@ -411,6 +411,26 @@ def test_other_routes_pass_through(synapse: Synapse, proxy: MediaProxy, user_tok
         differential(synapse, proxy, method, path, bearer(user_token))
 
 
+def test_requests_without_an_id_are_logged_with_distinct_ones(
+    proxy: MediaProxy, user_token: str, uploaded: dict[str, Media]
+) -> None:
+    """The id the proxy makes up when a request has no X-Request-ID: 16 hex digits, never
+    the same twice (a per-process prefix and a count)."""
+    path = uploaded["text"].client_path(f"/no-id-{os.urandom(4).hex()}.txt")
+    for _ in range(3):
+        assert request(proxy.url, path, headers=bearer(user_token)).status == 200
+    ids = wait_for(
+        lambda: (
+            found
+            if len(found := [e["request_id"] for e in proxy.log_events() if e.get("path") == path])
+            == 3
+            else None
+        )
+    )
+    assert len(set(ids)) == 3
+    assert all(len(i) == 16 and int(i, 16) >= 0 for i in ids)
+
+
 def test_last_access_ts_is_written(
     synapse: Synapse, proxy: MediaProxy, user_token: str, uploaded: dict[str, Media]
 ) -> None:

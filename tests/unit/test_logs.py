@@ -163,6 +163,53 @@ def test_gathered_lines_reach_a_file_only_at_the_end_of_the_iteration(tmp_path: 
     assert events[-1]["event"] == "last"
 
 
+def test_lines_outside_the_gathering_loop_are_written_at_once(tmp_path: Path) -> None:
+    """While a flush is due on a loop: a line from another thread, or from the loop's own
+    thread once that loop has stopped (its flush never runs), is written at once with what
+    was gathered before it."""
+    out = tmp_path / "err.log"
+    script = textwrap.dedent(
+        f"""
+        import asyncio, os, threading
+        fd = os.open({str(out)!r}, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        os.dup2(fd, 2)
+        from media_proxy import logs
+        logs.configure("json", "info")
+
+        async def main() -> None:
+            logs.info("gathered", {{}})
+            logs.info("gathered too", {{}})
+            thread = threading.Thread(target=lambda: logs.info("thread", {{}}))
+            thread.start()
+            thread.join()
+            print(os.fstat(2).st_size, flush=True)
+        asyncio.run(main())
+
+        loop = asyncio.new_event_loop()
+        loop.call_soon(logs.info, "in the last iteration", {{}})
+        loop.call_soon(loop.stop)
+        loop.run_forever()  # stops before the flush it set could run
+        before = os.fstat(2).st_size
+        logs.info("after the loop", {{}})
+        print(before, os.fstat(2).st_size, flush=True)
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    after_thread, before, after = (int(n) for n in done.stdout.split())
+    events = [json.loads(line)["event"] for line in out.read_text().splitlines()]
+    assert events == [
+        "gathered",
+        "gathered too",
+        "thread",
+        "in the last iteration",
+        "after the loop",
+    ]
+    assert after_thread > 0  # the thread's line and the two gathered before it
+    assert after > before
+
+
 def test_a_worker_leaving_by_os_exit_after_flush_keeps_its_lines(tmp_path: Path) -> None:
     """What `_supervise`'s workers do: `logs.flush()` then `os._exit`, which skips atexit."""
     out = tmp_path / "err.log"
