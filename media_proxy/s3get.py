@@ -1,4 +1,4 @@
-"""GetObject and ListObjectsV2 without botocore's per-call machinery.
+"""GetObject, HeadObject and ListObjectsV2 without botocore's per-call machinery.
 
 A miss's GET through aiobotocore costs about 0.6 ms of Python before and after the request
 on this machine (1.2 ms against 0.56 ms for the same GET presigned, back to back; 3.3 against
@@ -65,14 +65,14 @@ class Signer:
         return key
 
     def headers(
-        self, host: str, path: str, query: str = "", now: float | None = None
+        self, host: str, path: str, query: str = "", now: float | None = None, method: str = "GET"
     ) -> dict[str, str]:
-        """The headers that sign `GET path?query` (both already in canonical form: encoded,
-        the query's parameters sorted) on `host`."""
+        """The headers that sign `GET path?query` (or HEAD; both already in canonical form:
+        encoded, the query's parameters sorted) on `host`."""
         amz_date = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(time.time() if now is None else now))
         day = amz_date[:8]
         canonical = (
-            f"GET\n{path}\n{query}\nhost:{host}\nx-amz-content-sha256:{_UNSIGNED}\n"
+            f"{method}\n{path}\n{query}\nhost:{host}\nx-amz-content-sha256:{_UNSIGNED}\n"
             f"x-amz-date:{amz_date}\n\n{_SIGNED_HEADERS}\n{_UNSIGNED}"
         )
         scope = f"{day}/{self.region}/s3/aws4_request"
@@ -271,12 +271,14 @@ class Getter:
             response.close()
         return parse_list_page(body)
 
-    async def _send(self, path: str, query: str, what: str) -> http1.Response:
-        """A signed GET's answer once it is a 200 (the caller reads and closes it)."""
+    async def _send(self, path: str, query: str, what: str, method: str = "GET") -> http1.Response:
+        """A signed GET's (or HEAD's) answer once it is a 200 (the caller reads and closes
+        it)."""
         target = path + (f"?{query}" if query else "")
         for attempt in (1, 2):
             try:
-                response = await self.pool.get(target, self.signer.headers(self.host, path, query))
+                headers = self.signer.headers(self.host, path, query, method=method)
+                response = await self.pool.get(target, headers, method)
             except OSError as e:  # refused, reset, timed out, not HTTP
                 if attempt == 1:
                     continue
@@ -312,3 +314,14 @@ class Getter:
             response.close()
             raise ConnectionError("GetObject: no Content-Length in the answer")
         return {"ContentLength": length, "Body": Body(response)}
+
+    async def head(self, key: str) -> dict[str, Any]:
+        """What botocore's head_object gives the caller (`ContentLength`), or its ClientError
+        (code "404" for a missing key: a HEAD answer has no error document; 5xx after one
+        retry); a failed connection raises ConnectionError (also after one retry)."""
+        response = await self._send(object_path(self.bucket, key), "", "HeadObject", "HEAD")
+        response.close()  # no body: the connection is free again
+        length = response.head.headers.get("content-length", "")
+        if not length.isdigit():
+            raise ConnectionError("HeadObject: no Content-Length in the answer")
+        return {"ContentLength": int(length)}

@@ -55,6 +55,22 @@ def test_a_head_says_status_framing_and_keep_alive(
     )
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1048576\r\n\r\n",
+        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n\r\n",  # no length: still no body, and the connection is kept
+    ],
+)
+def test_the_answer_to_a_head_has_no_body(raw: bytes) -> None:
+    head = http1.parse_head(raw, to_head=True)
+    assert (head.length, head.chunked, head.keep_alive) == (0, False, True)
+    if b"1048576" in raw:
+        assert head.headers["content-length"] == "1048576"  # the object's size, as sent
+
+
 def test_header_names_are_lower_cased_and_repeats_joined() -> None:
     head = http1.parse_head(b'HTTP/1.1 200 OK\r\nX-A: 1\r\nx-a:  2 \r\nETag: "e"\r\n\r\n')
     assert head.headers == {"x-a": "1, 2", "etag": '"e"'}
@@ -83,6 +99,11 @@ def test_heads_that_could_be_read_two_ways_are_refused(raw: bytes) -> None:
 def test_request_head_is_a_get_with_the_headers_given() -> None:
     head = http1.request_head("/b/k%20ey?x=1", {"Host": "h:9000", "x-amz-date": "d"})
     assert head == b"GET /b/k%20ey?x=1 HTTP/1.1\r\nHost: h:9000\r\nx-amz-date: d\r\n\r\n"
+
+
+def test_request_head_names_its_method() -> None:
+    head = http1.request_head("/b/k", {"Host": "h"}, "HEAD")
+    assert head == b"HEAD /b/k HTTP/1.1\r\nHost: h\r\n\r\n"
 
 
 # --- over loopback sockets, against scripted answers ---------------------------------------
@@ -340,3 +361,22 @@ async def test_each_new_connection_is_told_and_a_closed_pool_keeps_none(peer: St
     assert await response.read_all(10) == b"q"
     response.close()
     assert not pool._idle and not pool._open
+
+
+async def test_a_head_then_a_get_share_one_connection(peer: StartPeer) -> None:
+    """A HEAD's answer carries the object's Content-Length and no body: nothing is waited
+    for, and the next request's answer is read from the start of the next bytes."""
+    p = await peer(
+        lambda n: b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\n" if n == 0 else ok(b"hello")
+    )
+    pool = p.pool()
+    try:
+        response = await pool.get("/b/k", {"Host": "h"}, "HEAD")
+        assert (response.status, response.length) == (200, 0)
+        assert response.head.headers["content-length"] == "5"
+        assert await response.read(10) == b""
+        assert await get_body(pool) == b"hello"
+    finally:
+        await pool.close()
+    assert p.connections == 1
+    assert [r.split(b" ", 1)[0] for r in p.requests] == [b"HEAD", b"GET"]

@@ -24,7 +24,12 @@ KEY_CHARS = st.characters(codec="utf-8", exclude_categories=("Cs",))
 
 
 def botocore_authorization(
-    host: str, bucket: str, key: str, region: str, monkeypatch: pytest.MonkeyPatch
+    host: str,
+    bucket: str,
+    key: str,
+    region: str,
+    monkeypatch: pytest.MonkeyPatch,
+    method: str = "GET",
 ) -> str:
     monkeypatch.setattr(
         botocore.auth,
@@ -33,7 +38,7 @@ def botocore_authorization(
         raising=False,
     )
     request = botocore.awsrequest.AWSRequest(
-        method="GET", url=f"https://{host}{s3get.object_path(bucket, key)}"
+        method=method, url=f"https://{host}{s3get.object_path(bucket, key)}"
     )
     # as botocore signs a GET with payload signing off (our GETs send UNSIGNED-PAYLOAD)
     request.context["client_config"] = botocore.config.Config(s3={"payload_signing_enabled": False})
@@ -60,6 +65,17 @@ def test_signature_is_botocores(
     )
     assert headers["x-amz-content-sha256"] == "UNSIGNED-PAYLOAD"
     assert headers["Host"] == host
+
+
+def test_head_signature_is_botocores(monkeypatch: pytest.MonkeyPatch) -> None:
+    key = "local_content/ab/cd/efghijklmnopqrstuvwx"
+    ours = s3get.Signer("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCY", "garage")
+    path = s3get.object_path("matrix", key)
+    head = ours.headers("127.0.0.1:3900", path, now=NOW, method="HEAD")
+    assert head["Authorization"] == botocore_authorization(
+        "127.0.0.1:3900", "matrix", key, "garage", monkeypatch, method="HEAD"
+    )
+    assert head != ours.headers("127.0.0.1:3900", path, now=NOW)  # the method is signed
 
 
 @given(key=st.text(KEY_CHARS, min_size=1, max_size=60))
