@@ -1,7 +1,8 @@
 """Step 4: write the answer, exactly as Synapse would, with the bytes sent zero-copy.
 
 Headers are decided before a byte is sent (headers.py); then the body goes out with
-`sendfile` from the store file, or from the growing fill file for a miss. Once headers are
+`sendfile` from the store file (a small one is read and leaves with the headers in one
+write), or from the growing fill file for a miss. Once headers are
 out (`started`), the only honest answer to any failure is to abort the connection: a
 client never gets a clean short 200, nor a second response after the first. Every byte
 sent is counted, so a store file that shrinks while it is sent aborts too. aiohttp's
