@@ -19,9 +19,10 @@ from typing import Any
 
 import asyncpg
 
+from devstack import seaweed
 from devstack.postgres import PostgresDatabase
 from devstack.synapse import SqliteDatabase, Synapse
-from media_proxy import paths
+from media_proxy import config, paths
 
 # Headers allowed to differ between Synapse and the proxy.
 IGNORED = frozenset({"server", "date"})
@@ -202,3 +203,15 @@ def sql(synapse: Synapse, statement: str, *args: Any) -> list[tuple[Any, ...]]:
             await conn.close()
 
     return asyncio.run(run())
+
+
+def proxy_s3_config(bucket: seaweed.S3Config, prefix: str) -> config.S3Config:
+    """media-proxy's S3 settings for a devstack bucket, under a key prefix of the test's own."""
+    return config.S3Config(
+        bucket=bucket.bucket,
+        prefix=prefix,
+        endpoint_url=bucket.endpoint_url,
+        region_name=bucket.region,
+        access_key_id=bucket.access_key,
+        secret_access_key=bucket.secret_key,
+    )

@@ -22,6 +22,7 @@ from media_proxy.config import S3Config
 from media_proxy.inventory import RANGE_KEYS, ListingJoin, range_bounds, ranged_pages
 from media_proxy.s3 import S3
 from tests.faults import FaultProxy
+from tests.integration.media import proxy_s3_config
 
 pytestmark = pytest.mark.integration
 
@@ -46,14 +47,7 @@ def listed(seaweed: SeaweedFS) -> Iterator[tuple[S3Config, list[str]]]:
     client = seaweed.client()
     for rel in rels:
         client.put_object(Bucket=bucket.bucket, Key=prefix + rel, Body=b"x" * (len(rel) % 7))
-    config = S3Config(
-        bucket=bucket.bucket,
-        prefix=prefix,
-        endpoint_url=bucket.endpoint_url,
-        region_name=bucket.region,
-        access_key_id=bucket.access_key,
-        secret_access_key=bucket.secret_key,
-    )
+    config = proxy_s3_config(bucket, prefix)
     try:
         yield config, sorted(set(rels))
     finally:

@@ -15,6 +15,7 @@ from devstack.seaweed import SeaweedFS
 from media_proxy.config import S3Config
 from media_proxy.s3 import S3
 from tests.faults import FaultProxy
+from tests.integration.media import proxy_s3_config
 
 pytestmark = pytest.mark.integration
 
@@ -35,14 +36,7 @@ def stored(seaweed: SeaweedFS) -> Iterator[S3Config]:
     for rel, size in OBJECTS.items():
         client.put_object(Bucket=bucket.bucket, Key=prefix + rel, Body=b"h" * size)
     try:
-        yield S3Config(
-            bucket=bucket.bucket,
-            prefix=prefix,
-            endpoint_url=bucket.endpoint_url,
-            region_name=bucket.region,
-            access_key_id=bucket.access_key,
-            secret_access_key=bucket.secret_key,
-        )
+        yield proxy_s3_config(bucket, prefix)
     finally:
         for rel in OBJECTS:
             client.delete_object(Bucket=bucket.bucket, Key=prefix + rel)

@@ -32,6 +32,28 @@ def run(script: str) -> tuple[list[str], str]:
     return done.stderr.splitlines(), done.stdout
 
 
+def run_to_file(out: Path, body: str) -> str:
+    """Run `body` in a fresh interpreter whose stderr is the file `out`, after
+    `logs.configure("json", "info")`; its stdout."""
+    script = f"""
+import asyncio, os, sys, threading
+fd = os.open({str(out)!r}, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+os.dup2(fd, 2)
+import structlog
+from media_proxy import logs
+logs.configure("json", "info")
+log = structlog.get_logger("t")
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script + textwrap.dedent(body)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    )
+    return done.stdout
+
+
 FIELDS = {
     "request_id": "r1",
     "method": "GET",
@@ -131,30 +153,20 @@ def test_lines_keep_the_order_of_their_events() -> None:
 
 def test_gathered_lines_reach_a_file_only_at_the_end_of_the_iteration(tmp_path: Path) -> None:
     out = tmp_path / "err.log"
-    script = textwrap.dedent(
-        f"""
-        import asyncio, os, sys
-        fd = os.open({str(out)!r}, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        os.dup2(fd, 2)
-        import structlog
-        from media_proxy import logs
-        logs.configure("json", "info")
-        log = structlog.get_logger("t")
-
+    stdout = run_to_file(
+        out,
+        """
         async def main() -> None:
             for i in range(50):
-                logs.info("request", {{"i": i, "pad": "x" * 100}})
+                logs.info("request", {"i": i, "pad": "x" * 100})
             print(os.fstat(2).st_size, flush=True)
             await asyncio.sleep(0)
             print(os.fstat(2).st_size, flush=True)
             log.info("last")
         asyncio.run(main())
-        """
+        """,
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True
-    )
-    during, after_turn = (int(n) for n in done.stdout.split())
+    during, after_turn = (int(n) for n in stdout.split())
     assert during == 0
     text = out.read_text()
     assert after_turn > 50 * 100
@@ -168,36 +180,28 @@ def test_lines_outside_the_gathering_loop_are_written_at_once(tmp_path: Path) ->
     thread once that loop has stopped (its flush never runs), is written at once with what
     was gathered before it."""
     out = tmp_path / "err.log"
-    script = textwrap.dedent(
-        f"""
-        import asyncio, os, threading
-        fd = os.open({str(out)!r}, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
-        os.dup2(fd, 2)
-        from media_proxy import logs
-        logs.configure("json", "info")
-
+    stdout = run_to_file(
+        out,
+        """
         async def main() -> None:
-            logs.info("gathered", {{}})
-            logs.info("gathered too", {{}})
-            thread = threading.Thread(target=lambda: logs.info("thread", {{}}))
+            logs.info("gathered", {})
+            logs.info("gathered too", {})
+            thread = threading.Thread(target=lambda: logs.info("thread", {}))
             thread.start()
             thread.join()
             print(os.fstat(2).st_size, flush=True)
         asyncio.run(main())
 
         loop = asyncio.new_event_loop()
-        loop.call_soon(logs.info, "in the last iteration", {{}})
+        loop.call_soon(logs.info, "in the last iteration", {})
         loop.call_soon(loop.stop)
         loop.run_forever()  # stops before the flush it set could run
         before = os.fstat(2).st_size
-        logs.info("after the loop", {{}})
+        logs.info("after the loop", {})
         print(before, os.fstat(2).st_size, flush=True)
-        """
+        """,
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, check=True
-    )
-    after_thread, before, after = (int(n) for n in done.stdout.split())
+    after_thread, before, after = (int(n) for n in stdout.split())
     events = [json.loads(line)["event"] for line in out.read_text().splitlines()]
     assert events == [
         "gathered",
@@ -215,23 +219,17 @@ def test_a_worker_leaving_by_os_exit_after_flush_keeps_its_lines(tmp_path: Path)
     out = tmp_path / "err.log"
     for flush in (True, False):
         out.write_bytes(b"")
-        script = textwrap.dedent(
+        run_to_file(
+            out,
             f"""
-            import asyncio, os
-            fd = os.open({str(out)!r}, os.O_WRONLY | os.O_APPEND)
-            os.dup2(fd, 2)
-            from media_proxy import logs
-            logs.configure("json", "info")
-
             async def main() -> None:
                 logs.info("request", {{"n": 1}})
                 if {flush}:
                     logs.flush()
                 os._exit(0)
             asyncio.run(main())
-            """
+            """,
         )
-        subprocess.run([sys.executable, "-c", script], cwd=ROOT, check=True, timeout=60)
         written = out.read_text()
         assert ('"n": 1' in written) is flush
 
