@@ -47,7 +47,10 @@ async def sizes(config: S3Config, *, lean: bool) -> list[int | None]:
     await s3.start()
     try:
         assert (s3._getter is not None) == lean
-        return [await s3.size(rel) for rel in [*OBJECTS, *MISSING]]
+        found = [await s3.size(rel) for rel in [*OBJECTS, *MISSING]]
+        if s3._getter is not None:  # the HEADs went over the lean pool, not botocore's
+            assert len(s3._getter.pool._idle) == 1
+        return found
     finally:
         await s3.close()
 
