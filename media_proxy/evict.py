@@ -6,10 +6,14 @@ the database, looked up by indexed columns, chunk by chunk) through a bounded he
 the oldest files covering the bytes to free (at most `ROUND_FILES`): memory follows the work,
 never the store, and nothing sorts the whole store. Synapse has no index on `last_access_ts`,
 so an `ORDER BY last_access_ts` would scan and sort the table just the same, and would miss
-files without a row. When skipped files leave the pass short, another round takes the next
-oldest, after the last one considered.
+files without a row. A pass that needs more than one round's worth (`ROUND_FILES`), or
+that skipped files left short, walks once more: the first walk also counted what it left
+by recency (`Recency`, an hour-wide histogram), so the next one (a `Sweep`) evicts every
+file older than the cutoff as it finds them and keeps only the cutoff hour's in a heap.
+Two walks however much is to go (a million files and 10% to free: two, not three); more
+only when a sweep, too, falls short (skipped files, or files accessed since the last walk).
 
-For each candidate, oldest first, one at a time per worker:
+For each candidate, in that order, one at a time per worker:
 1. it must still be the file the walk saw (inode, size, mtime), and be at least `min_age`
    old by its mtime (a file Synapse is writing in place, or just wrote, is young);
 2. S3 is asked (HeadObject) for the provider's key: it must hold an object of the file's
@@ -61,6 +65,10 @@ _HASH_CHUNK: Final = 1024 * 1024
 BACKGROUND_MAX_FILES: Final = 5000
 # Candidates one round of a pass holds at most (a few hundred bytes each).
 ROUND_FILES: Final = 50_000
+# The recency histogram of what a round leaves (`Recency`): hour-wide buckets to begin with,
+# and at most this many (a few hundred kB), whatever the store's span of access times.
+BUCKET_S: Final = 3600.0
+MAX_BUCKETS: Final = 4096
 
 
 @dataclass(frozen=True)
@@ -103,6 +111,75 @@ class _Newest:
         return self.key > other.key
 
 
+class Recency:
+    """Bytes per recency bucket (last access, `width` seconds each) of the evictable files a
+    walk saw and left for a later round. From it the next round knows, before walking, which
+    files it will take: all of the buckets older than the one where the need is reached.
+    Buckets start an hour wide and double whenever more than `max_buckets` are in use, so
+    its size never follows the store's."""
+
+    def __init__(self, width: float = BUCKET_S, max_buckets: int = MAX_BUCKETS) -> None:
+        self.width, self.max_buckets = width, max_buckets
+        self.bytes: dict[int, int] = {}
+
+    def bucket(self, last_access: float) -> int:
+        return int(last_access // self.width)
+
+    def add(self, f: CachedFile) -> None:
+        b = self.bucket(f.last_access)
+        self.bytes[b] = self.bytes.get(b, 0) + f.size
+        if len(self.bytes) > self.max_buckets:
+            merged: dict[int, int] = {}
+            for b, n in self.bytes.items():
+                merged[b // 2] = merged.get(b // 2, 0) + n
+            self.bytes, self.width = merged, self.width * 2
+
+    def cutoff(self, need: int) -> tuple[int, int]:
+        """(the oldest bucket at which the bytes of it and all older ones reach `need`, the
+        bytes of those older ones); the newest bucket when all of them fall short."""
+        before = 0
+        buckets = sorted(self.bytes)
+        for b in buckets:
+            if before + self.bytes[b] >= need or b == buckets[-1]:
+                return b, before
+            before += self.bytes[b]
+        return 0, 0
+
+
+class _Oldest:
+    """The oldest files offered (recency, then store path), as few as cover `need` bytes and
+    at most `max_files`: a bounded heap, O(kept) memory, O(n log kept) time. With `need`
+    unknown (None), the `max_files` oldest. What it leaves out is counted in `left`."""
+
+    def __init__(self, need: int | None, max_files: int, left: Recency) -> None:
+        self.need, self.max_files, self.left = need, max_files, left
+        self.heap: list[_Newest] = []
+        self.held = 0
+        self.more = False  # files were left out: another round may follow
+
+    def offer(self, f: CachedFile) -> None:
+        heap, need = self.heap, self.need
+        item = _Newest(f)
+        enough = len(heap) >= self.max_files or (need is not None and self.held >= need)
+        if heap and enough and item.key >= heap[0].key:
+            self.more = True  # newer than every file kept, and enough is kept
+            self.left.add(f)
+            return
+        heapq.heappush(heap, item)
+        self.held += f.size
+        while heap and (
+            len(heap) > self.max_files
+            or (need is not None and self.held - heap[0].file.size >= max(need, 1))
+        ):
+            dropped = heapq.heappop(heap).file
+            self.held -= dropped.size
+            self.more = True
+            self.left.add(dropped)
+
+    def files(self) -> list[CachedFile]:
+        return [item.file for item in sorted(self.heap, key=lambda i: i.key)]
+
+
 @dataclass
 class Selection:
     """One round's candidates (oldest first) and what the walk saw on the way."""
@@ -111,6 +188,7 @@ class Selection:
     total_bytes: int = 0
     not_in_s3_bytes: int = 0
     more: bool = False  # older-than-the-rest files were left out: another round may follow
+    left: Recency = field(default_factory=Recency)  # what was left out, by recency
 
     def cover(self, need: int) -> None:
         """Keep the fewest oldest files that cover `need` bytes (all of them if they fall
@@ -118,6 +196,8 @@ class Selection:
         held = 0
         for i, f in enumerate(self.files):
             if held >= need:
+                for dropped in self.files[i:]:
+                    self.left.add(dropped)
                 del self.files[i:]
                 self.more = True
                 return
@@ -132,35 +212,76 @@ async def select_oldest(
     after: tuple[float, str] | None = None,
 ) -> Selection:
     """The oldest evictable files (recency, then store path) strictly after `after`, as few
-    as cover `need` bytes and at most `max_files`: a bounded heap over the stream, O(kept)
-    memory, O(n log kept) time. With `need` unknown (None: the walk is also what measures
-    the store), the `max_files` oldest, for the caller to `cover` once it knows."""
+    as cover `need` bytes and at most `max_files` (`_Oldest`). With `need` unknown (None:
+    the walk is also what measures the store), the `max_files` oldest, for the caller to
+    `cover` once it knows."""
     sel = Selection()
-    heap: list[_Newest] = []
-    held = 0
+    oldest = _Oldest(need, max_files, sel.left)
     async for chunk in batches:
         for f in chunk:
             sel.total_bytes += f.size
             if f.kind not in IN_S3:
                 sel.not_in_s3_bytes += f.size
                 continue
-            item = _Newest(f)
-            if after is not None and item.key <= after:
+            if after is not None and (f.last_access, f.rel) <= after:
                 continue
-            enough = len(heap) >= max_files or (need is not None and held >= need)
-            if heap and enough and item.key >= heap[0].key:
-                sel.more = True  # newer than every file kept, and enough is kept
-                continue
-            heapq.heappush(heap, item)
-            held += f.size
-            while heap and (
-                len(heap) > max_files
-                or (need is not None and held - heap[0].file.size >= max(need, 1))
-            ):
-                held -= heapq.heappop(heap).file.size
-                sel.more = True
-    sel.files = [item.file for item in sorted(heap, key=lambda i: i.key)]
+            oldest.offer(f)
+    sel.files, sel.more = oldest.files(), oldest.more
     return sel
+
+
+class Sweep:
+    """A round after the first, planned from what the rounds before left (`Recency`): every
+    file of the buckets older than the cutoff is to go, so each is handed out as the walk
+    finds it (in store order: all of them are older than any file kept); the cutoff bucket's
+    files go through a bounded heap and are handed out oldest first once the walk ends.
+    However many files the need covers, one walk takes them, where rounds of heaps alone
+    take one walk per `ROUND_FILES` files (three walks of a million files to free 10%)."""
+
+    def __init__(
+        self, left: Recency, need: int, after: tuple[float, str] | None, *, max_files: int
+    ) -> None:
+        self.cut, before = left.cutoff(need)
+        self.bucket = left.bucket
+        self.oldest = _Oldest(need - before, max_files, Recency(left.width))
+        self.after = after
+        self.last = after  # the newest (recency, path) handed out: where a next round starts
+        self.more = False
+
+    @property
+    def left(self) -> Recency:
+        return self.oldest.left
+
+    def _handed(self, f: CachedFile) -> CachedFile:
+        key = (f.last_access, f.rel)
+        if self.last is None or key > self.last:
+            self.last = key
+        return f
+
+    async def files(self, batches: AsyncIterator[list[CachedFile]]) -> AsyncIterator[CachedFile]:
+        after, cut = self.after, self.cut
+        try:
+            async for chunk in batches:
+                for f in chunk:
+                    if f.kind not in IN_S3:
+                        continue
+                    if after is not None and (f.last_access, f.rel) <= after:
+                        continue
+                    b = self.bucket(f.last_access)
+                    if b < cut:
+                        yield self._handed(f)
+                    elif b > cut:
+                        self.more = True
+                        self.left.add(f)
+                    else:
+                        self.oldest.offer(f)
+        finally:
+            close = getattr(batches, "aclose", None)
+            if close is not None:
+                await close()
+        self.more = self.more or self.oldest.more
+        for f in self.oldest.files():
+            yield self._handed(f)
 
 
 async def s3_sha256(s3: S3, rel: str) -> str | None:
@@ -195,11 +316,14 @@ class Evictor:
         *,
         max_files: int | None = None,
         time_limit: float | None = None,
+        round_files: int = ROUND_FILES,
     ) -> Summary:
         """Free `total - max_size` bytes. `total` is the store's size (`store_bytes`), or None
         for the first round's walk to measure it on the way: one walk of the store instead of
         two, at the price of keeping up to `ROUND_FILES` candidates until the walk ends.
-        `walk` starts a new annotated walk of the store (inventory.chunks) for each round.
+        `walk` starts a new annotated walk of the store (inventory.chunks) for each round:
+        the first round's heap, then sweeps (`Sweep`) planned from what the rounds before
+        left, `round_files` bounding what any round keeps.
         `time_limit` bounds the time spent evicting, not walking, and each round evicts (or
         considers) at least one file: a store whose walk outlasts the limit (a million files
         take about 40 s here) must still shrink, pass after pass."""
@@ -216,50 +340,60 @@ class Evictor:
         freed = 0
         evicting = 0.0  # seconds spent in rounds, which the time limit counts
         after: tuple[float, str] | None = None
+        left: Recency | None = None  # what the rounds so far left, once one has run
         stopped = ""
         progress: Progress | None = None
         try:
             while (need is None or freed < need) and not stopped:
                 cap = (
-                    ROUND_FILES
+                    round_files
                     if max_files is None
-                    else min(ROUND_FILES, max_files - summary.files)
-                )
-                sel = await select_oldest(
-                    walk(),
-                    None if need is None else need - freed,
-                    max_files=max(cap, 1),
-                    after=after,
+                    else min(round_files, max_files - summary.files)
                 )
                 summary.extra["rounds"] += 1
-                if summary.extra["rounds"] == 1:
+                sweep: Sweep | None = None
+                if left is None or need is None:
+                    sel = await select_oldest(
+                        walk(),
+                        None if need is None else need - freed,
+                        max_files=max(cap, 1),
+                        after=after,
+                    )
                     summary.extra["kept_not_in_s3_bytes"] = sel.not_in_s3_bytes
-                if need is None:  # the first round's walk measured the store
-                    total = sel.total_bytes
-                    need = total - max_size
-                    summary.extra["before_bytes"] = total
-                    sel.cover(need)
-                if not sel.files:
-                    break
-                if self.show_progress:
-                    if progress is None:
-                        progress = Progress("cache_evict", 0, max(need, 0))
-                    progress.total_files += len(sel.files)
+                    if need is None:  # the first round's walk measured the store
+                        total = sel.total_bytes
+                        need = total - max_size
+                        summary.extra["before_bytes"] = total
+                        sel.cover(need)
+                    if not sel.files:
+                        break
+                    candidates = _each(sel.files)
+                    if self.show_progress:
+                        progress = progress or Progress("cache_evict", 0, max(need, 0))
+                        progress.total_files += len(sel.files)
+                else:
+                    sweep = Sweep(left, need - freed, after, max_files=max(cap, 1))
+                    candidates = sweep.files(walk())
+                    if self.show_progress:
+                        progress = progress or Progress("cache_evict", 0, max(need, 0))
                 remaining = None if time_limit is None else time_limit - evicting
-                round_started = time.monotonic()
-                got, stopped = await self._round(
-                    sel.files,
+                got, stopped, seconds = await self._round(
+                    candidates,
                     need - freed,
                     summary,
                     progress,
                     max_files=max_files,
                     time_limit=remaining,
+                    count=sweep is not None,
                 )
-                evicting += time.monotonic() - round_started
+                evicting += seconds
                 freed += got
-                last = sel.files[-1]
-                after = (last.last_access, last.rel)
-                if not sel.more:
+                if sweep is None:
+                    last = sel.files[-1]
+                    after, left, more = (last.last_access, last.rel), sel.left, sel.more
+                else:
+                    after, left, more = sweep.last, sweep.left, sweep.more
+                if not more:
                     break
         finally:
             if progress is not None:
@@ -275,18 +409,22 @@ class Evictor:
 
     async def _round(
         self,
-        candidates: list[CachedFile],
+        candidates: AsyncIterator[CachedFile],
         need: int,
         summary: Summary,
         progress: Progress | None,
         *,
         max_files: int | None,
         time_limit: float | None,
-    ) -> tuple[int, str]:
+        count: bool = False,
+    ) -> tuple[int, str, float]:
         """Evict candidates in order, `concurrency` at a time, until `need` bytes are freed;
-        returns the bytes freed and why it stopped early ("" if it did not). The time limit
-        is checked from the second candidate on: a round always makes progress."""
+        returns the bytes freed, why it stopped early ("" if it did not) and the seconds it
+        spent evicting (waiting for the next candidate, a sweep's walk, not counted). The
+        time limit is checked from the second candidate on: a round always makes progress.
+        `count`: the candidates were not counted in the progress beforehand."""
         started = time.monotonic()
+        walking = 0.0
         freed = inflight = launched = 0
         pending: set[asyncio.Task[int]] = set()
         stopped = ""
@@ -317,7 +455,12 @@ class Evictor:
             pending.add(task)
 
         try:
-            for f in candidates:
+            while True:
+                asked = time.monotonic()
+                f = await anext(candidates, None)
+                walking += time.monotonic() - asked
+                if f is None:
+                    break
                 while pending and (freed + inflight >= need or len(pending) >= self.concurrency):
                     await settle()
                 if freed >= need:
@@ -325,15 +468,21 @@ class Evictor:
                 if max_files is not None and summary.files + len(pending) >= max_files:
                     stopped = "max_files"
                     break
-                if launched and time_limit is not None and time.monotonic() - started > time_limit:
+                spent = time.monotonic() - started - walking
+                if launched and time_limit is not None and spent > time_limit:
                     stopped = "time_limit"
                     break
+                if count and progress is not None:
+                    progress.total_files += 1
                 launch(f)
             await settle(wait_all=True)
         finally:
             for task in pending:
                 task.cancel()
-        return freed, stopped
+            close = getattr(candidates, "aclose", None)
+            if close is not None:
+                await close()
+        return freed, stopped, time.monotonic() - started - walking
 
     async def _one(self, f: CachedFile, summary: Summary) -> int:
         """Evict one file if every rule allows; returns the bytes freed (or planned)."""
@@ -397,6 +546,11 @@ class Evictor:
         prune_empty_dirs(self.root, f.rel)
         log.debug("cache_evict.file", rel=f.rel, bytes=f.size)
         return None
+
+
+async def _each(files: list[CachedFile]) -> AsyncIterator[CachedFile]:
+    for f in files:
+        yield f
 
 
 class DirLock:

@@ -364,6 +364,58 @@ def test_a_pass_whose_walk_outlasts_its_time_limit_still_evicts(store: Store) ->
         restore_all(store)
 
 
+def test_an_eviction_past_one_round_of_candidates_takes_one_more_walk(store: Store) -> None:
+    """A pass that must free more files than a round holds (`round_files`, 50,000 in use;
+    200 here) keeps the oldest 200 from its first walk and a histogram of what it left by
+    recency; one more walk then evicts every file older than the cutoff as it finds them:
+    two walks however many rounds of 200 the need covers (eight here), and still exactly the
+    least recently accessed files, one HeadObject each."""
+    restore_all(store)
+    config = load(
+        config_file=store.config, synapse_config=[store.synapse.config_path], need_synapse_url=False
+    )
+    assert config.s3 is not None
+    root = str(store.root)
+    k = 1500  # local files to free after the remote ones
+    oldest = [rel for pair in store.remote for rel in pair]
+    oldest += [paths.local_media(mid) for mid, _ in store.local[:k]]
+    need = sum((store.root / rel).stat().st_size for rel in oldest)
+    walks = 0
+
+    async def run() -> Summary:
+        nonlocal walks
+        db = await open_database(config.database)
+        assert config.s3 is not None
+        s3 = S3(config.s3)
+        await s3.start()
+        try:
+            total = await asyncio.to_thread(store_bytes, root)
+
+            def counted_walk() -> AsyncIterator[list[CachedFile]]:
+                nonlocal walks
+                walks += 1
+                return chunks(root, db)
+
+            evictor = Evictor(s3, root, Rules(min_age=0), show_progress=False)
+            return await evictor.run(counted_walk, total, total - need, round_files=200)
+        finally:
+            await s3.close()
+            await db.close()
+
+    store.proxy.reset()
+    summary = asyncio.run(run())
+    try:
+        assert summary.files == len(oldest) and not summary.skipped, summary.as_dict()
+        assert summary.extra["over_budget_bytes"] == 0
+        assert walks == 2 and summary.extra["rounds"] == 2
+        gone = {rel for rel in oldest if not (store.root / rel).exists()}
+        assert gone == set(oldest), "not the least recently accessed"
+        assert all((store.root / paths.local_media(m)).exists() for m, _ in store.local[k:])
+        assert sorted(store.heads()) == sorted(oldest)
+    finally:
+        restore_all(store)
+
+
 def test_background_passes_go_on_until_the_store_fits(store: Store, tmp_path: Path) -> None:
     """`serve --cache-max-size` over a store far over budget: each pass stops at its time
     limit (a tiny interval's), and the next one goes on at once from its own walk, without

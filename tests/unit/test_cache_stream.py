@@ -8,7 +8,7 @@ import tracemalloc
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from media_proxy.evict import WALK_SHARE, pause_after, select_oldest
+from media_proxy.evict import WALK_SHARE, Recency, Sweep, pause_after, select_oldest
 from media_proxy.inventory import (
     RANGE_KEYS,
     CachedFile,
@@ -137,6 +137,99 @@ def test_select_memory_follows_the_work_not_the_store() -> None:
     small, large = peak(10_000), peak(200_000)
     # 20 times the store, about the same memory (one chunk and the 50 kept files).
     assert large < 1.5 * small, (small, large)
+
+
+def _aged(i: int, size: int = 100) -> CachedFile:
+    """As _file, with recencies spread over 11 days (hundreds of hour-wide buckets)."""
+    f = _file(i, size)
+    assert f.access_ms is not None
+    f.access_ms *= 1000
+    return f
+
+
+async def _aged_stream(n: int, chunk: int = 2000) -> AsyncIterator[list[CachedFile]]:
+    for start in range(0, n, chunk):
+        yield [_aged(i) for i in range(start, min(n, start + chunk))]
+
+
+def _key(f: CachedFile) -> tuple[float, str]:
+    return (f.last_access, f.rel)
+
+
+def test_recency_cutoff_is_where_the_oldest_buckets_reach_the_need() -> None:
+    left = Recency(width=10.0)
+    for when, size in ((5.0, 100), (15.0, 60), (18.0, 40), (55.0, 300)):
+        left.add(
+            CachedFile(
+                "local_content/aa/bb/x", Kind.LOCAL_ORIGINAL, size, 0, 0, 0, True, int(when * 1000)
+            )
+        )
+    assert left.bytes == {0: 100, 1: 100, 5: 300}
+    assert left.cutoff(1) == (0, 0)
+    assert left.cutoff(100) == (0, 0)
+    assert left.cutoff(101) == (1, 100)
+    assert left.cutoff(200) == (1, 100)
+    assert left.cutoff(201) == (5, 200)
+    assert left.cutoff(10**9) == (5, 200)  # short of the need: the newest bucket
+
+
+def test_recency_buckets_widen_so_their_number_stays_bounded() -> None:
+    left = Recency(width=1.0, max_buckets=8)
+    for i in range(1000):
+        left.add(_aged(i))
+    assert len(left.bytes) <= 8 and sum(left.bytes.values()) == 1000 * 100
+    assert left.width >= 1_000_003 / 8
+    # Each file is in the bucket the final width gives it.
+    counted: dict[int, int] = {}
+    for i in range(1000):
+        b = left.bucket(_aged(i).last_access)
+        counted[b] = counted.get(b, 0) + 100
+    assert counted == left.bytes
+
+
+def test_a_sweep_takes_the_rest_of_the_need_in_one_walk() -> None:
+    """After a first round of 300 files, one sweep hands out the next 4,700 oldest: exactly
+    what 16 more rounds of 300 would, each file once, in one walk."""
+    n, size, cap = 20_000, 100, 300
+    every = sorted((_aged(i, size) for i in range(n)), key=_key)
+    need = 5_000 * size
+    sel = asyncio.run(select_oldest(_aged_stream(n), None, max_files=cap))
+    sel.cover(need)
+    assert [f.rel for f in sel.files] == [f.rel for f in every[:cap]]
+    assert sum(sel.left.bytes.values()) == (n - cap) * size  # all but the kept
+    after = _key(sel.files[-1])
+    sweep = Sweep(sel.left, need - cap * size, after, max_files=cap)
+
+    async def take() -> list[CachedFile]:
+        return [f async for f in sweep.files(_aged_stream(n))]
+
+    handed = asyncio.run(take())
+    assert sorted(f.rel for f in handed) == sorted(f.rel for f in every[cap:5_000])
+    # Files of the buckets before the cutoff come as the walk finds them (store order), the
+    # cutoff bucket's after them, oldest first.
+    edge = [f for f in handed if sweep.bucket(f.last_access) == sweep.cut]
+    assert 0 < len(edge) < cap
+    before = handed[: -len(edge)]
+    assert [f.rel for f in before] == sorted(f.rel for f in before)
+    assert all(sweep.bucket(f.last_access) < sweep.cut for f in before)
+    assert handed[-len(edge) :] == sorted(edge, key=_key)
+    assert sweep.more and sweep.last == _key(every[4_999])
+    # What it left, by recency, for a round after it: every file not handed out.
+    assert sum(sweep.left.bytes.values()) == (n - 5_000) * size
+
+
+def test_a_sweep_short_of_the_need_hands_out_everything_left() -> None:
+    n = 3_000
+    every = sorted((_aged(i) for i in range(n)), key=_key)
+    sel = asyncio.run(select_oldest(_aged_stream(n), None, max_files=100))
+    sweep = Sweep(sel.left, 10**9, _key(sel.files[-1]), max_files=100_000)
+
+    async def take() -> list[CachedFile]:
+        return [f async for f in sweep.files(_aged_stream(n))]
+
+    handed = asyncio.run(take())
+    assert sorted(f.rel for f in handed) == sorted(f.rel for f in every[100:])
+    assert not sweep.more and sweep.last == _key(every[-1])
 
 
 def test_a_large_segment_is_cut_into_ranges_at_its_folders() -> None:
