@@ -20,7 +20,7 @@ import string
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from media_proxy import paths
 from media_proxy.config import load
 from media_proxy.evict import BACKGROUND_MAX_FILES, Evictor, Rules, store_bytes
 from media_proxy.inventory import RANGE_KEYS, CachedFile, chunks, walk
-from media_proxy.metadata import open_database
+from media_proxy.metadata import Database, open_database
 from media_proxy.progress import Summary
 from media_proxy.s3 import S3
 from tests.faults import FaultProxy
@@ -319,6 +319,35 @@ def test_evict_past_files_s3_lacks_takes_another_round(store: Store) -> None:
     assert len(heads) == len(set(heads)) and set(heads) == set(considered)
 
 
+Walk = Callable[[], AsyncIterator[list[CachedFile]]]
+
+
+def evict_directly(
+    store: Store, need: int, walk: Callable[[str, Database], Walk], **limits: Any
+) -> Summary:
+    """One eviction pass in this process over the store's database and S3 (through the
+    counting proxy), freeing `need` bytes, its walks made by `walk(root, db)`."""
+    config = load(
+        config_file=store.config, synapse_config=[store.synapse.config_path], need_synapse_url=False
+    )
+    assert config.s3 is not None
+    s3_config, root = config.s3, str(store.root)
+
+    async def run() -> Summary:
+        db = await open_database(config.database)
+        s3 = S3(s3_config)
+        await s3.start()
+        try:
+            total = await asyncio.to_thread(store_bytes, root)
+            evictor = Evictor(s3, root, Rules(min_age=0), show_progress=False)
+            return await evictor.run(walk(root, db), total, total - need, **limits)
+        finally:
+            await s3.close()
+            await db.close()
+
+    return asyncio.run(run())
+
+
 def test_a_pass_whose_walk_outlasts_its_time_limit_still_evicts(store: Store) -> None:
     """The background evictor's time limit (half an interval) bounds evicting, not walking:
     a pass over a store whose walk outlasts it (a million files take about 40 s here,
@@ -326,36 +355,19 @@ def test_a_pass_whose_walk_outlasts_its_time_limit_still_evicts(store: Store) ->
     walk is slowed between the real walk and the evictor, so that the test does not depend
     on how fast this machine walks."""
     restore_all(store)
-    config = load(
-        config_file=store.config, synapse_config=[store.synapse.config_path], need_synapse_url=False
-    )
-    assert config.s3 is not None
-    root, limit = str(store.root), 0.2
+    limit = 0.2
     oldest = [rel for pair in store.remote for rel in pair]
     need = sum((store.root / rel).stat().st_size for rel in oldest)
 
-    async def run() -> Summary:
-        db = await open_database(config.database)
-        assert config.s3 is not None
-        s3 = S3(config.s3)
-        await s3.start()
-        try:
-            total = await asyncio.to_thread(store_bytes, root)
+    def slow(root: str, db: Database) -> Walk:
+        async def slow_walk() -> AsyncIterator[list[CachedFile]]:
+            async for chunk in chunks(root, db):
+                yield chunk
+            await asyncio.sleep(2 * limit)  # the walk ends past the time limit
 
-            async def slow_walk() -> AsyncIterator[list[CachedFile]]:
-                async for chunk in chunks(root, db):
-                    yield chunk
-                await asyncio.sleep(2 * limit)  # the walk ends past the time limit
+        return slow_walk
 
-            evictor = Evictor(s3, root, Rules(min_age=0), show_progress=False)
-            return await evictor.run(
-                slow_walk, total, total - need, max_files=BACKGROUND_MAX_FILES, time_limit=limit
-            )
-        finally:
-            await s3.close()
-            await db.close()
-
-    summary = asyncio.run(run())
+    summary = evict_directly(store, need, slow, max_files=BACKGROUND_MAX_FILES, time_limit=limit)
     try:
         assert summary.files == len(oldest), summary.as_dict()
         assert summary.extra["over_budget_bytes"] == 0
@@ -371,39 +383,22 @@ def test_an_eviction_past_one_round_of_candidates_takes_one_more_walk(store: Sto
     two walks however many rounds of 200 the need covers (eight here), and still exactly the
     least recently accessed files, one HeadObject each."""
     restore_all(store)
-    config = load(
-        config_file=store.config, synapse_config=[store.synapse.config_path], need_synapse_url=False
-    )
-    assert config.s3 is not None
-    root = str(store.root)
     k = 1500  # local files to free after the remote ones
     oldest = [rel for pair in store.remote for rel in pair]
     oldest += [paths.local_media(mid) for mid, _ in store.local[:k]]
     need = sum((store.root / rel).stat().st_size for rel in oldest)
     walks = 0
 
-    async def run() -> Summary:
-        nonlocal walks
-        db = await open_database(config.database)
-        assert config.s3 is not None
-        s3 = S3(config.s3)
-        await s3.start()
-        try:
-            total = await asyncio.to_thread(store_bytes, root)
+    def counted(root: str, db: Database) -> Walk:
+        def walk() -> AsyncIterator[list[CachedFile]]:
+            nonlocal walks
+            walks += 1
+            return chunks(root, db)
 
-            def counted_walk() -> AsyncIterator[list[CachedFile]]:
-                nonlocal walks
-                walks += 1
-                return chunks(root, db)
-
-            evictor = Evictor(s3, root, Rules(min_age=0), show_progress=False)
-            return await evictor.run(counted_walk, total, total - need, round_files=200)
-        finally:
-            await s3.close()
-            await db.close()
+        return walk
 
     store.proxy.reset()
-    summary = asyncio.run(run())
+    summary = evict_directly(store, need, counted, round_files=200)
     try:
         assert summary.files == len(oldest) and not summary.skipped, summary.as_dict()
         assert summary.extra["over_budget_bytes"] == 0
