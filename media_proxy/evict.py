@@ -42,7 +42,7 @@ import hashlib
 import heapq
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final
@@ -258,7 +258,9 @@ class Sweep:
             self.last = key
         return f
 
-    async def files(self, batches: AsyncIterator[list[CachedFile]]) -> AsyncIterator[CachedFile]:
+    async def files(
+        self, batches: AsyncIterator[list[CachedFile]]
+    ) -> AsyncGenerator[CachedFile, None]:
         after, cut = self.after, self.cut
         try:
             async for chunk in batches:
@@ -409,7 +411,7 @@ class Evictor:
 
     async def _round(
         self,
-        candidates: AsyncIterator[CachedFile],
+        candidates: AsyncGenerator[CachedFile, None],
         need: int,
         summary: Summary,
         progress: Progress | None,
@@ -479,9 +481,7 @@ class Evictor:
         finally:
             for task in pending:
                 task.cancel()
-            close = getattr(candidates, "aclose", None)
-            if close is not None:
-                await close()
+            await candidates.aclose()
         return freed, stopped, time.monotonic() - started - walking
 
     async def _one(self, f: CachedFile, summary: Summary) -> int:
@@ -548,7 +548,7 @@ class Evictor:
         return None
 
 
-async def _each(files: list[CachedFile]) -> AsyncIterator[CachedFile]:
+async def _each(files: list[CachedFile]) -> AsyncGenerator[CachedFile, None]:
     for f in files:
         yield f
 
